@@ -1,0 +1,6 @@
+"""Kedro datasets of the project: the MVTec AD 2 folder reader, the processed image store, saved detectors."""
+
+from madfh_pipeline.datasets.image_store import ImageStore, ImageStoreDataset
+from madfh_pipeline.datasets.mvtec_ad2 import MissingRawDataError, MVTecAD2Dataset
+
+__all__ = ["ImageStore", "ImageStoreDataset", "MVTecAD2Dataset", "MissingRawDataError"]

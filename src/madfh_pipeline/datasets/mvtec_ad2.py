@@ -1,0 +1,160 @@
+"""Kedro dataset that lists one category of an MVTec AD 2 tree, lazily.
+
+A category is gigabytes of 5-megapixel PNGs, so loading returns a *manifest* (one row per file, paths and facts
+from the file system only) and never pixels; nodes decode images one at a time. The same class can also write a tree
+in the layout (used by the demo data generator), given a mapping of relative paths to arrays or to callables that
+produce them, so that generation can stream instead of holding a category in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from kedro.io import AbstractDataset, DatasetError
+
+from madfh_pipeline.categories import IMAGE_SUFFIXES, SPLITS
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "category",
+    "relpath",
+    "path",
+    "role",
+    "split",
+    "label",
+    "lighting",
+    "stem",
+    "mask_relpath",
+    "mask_path",
+    "mask_exists",
+    "bytes",
+    "mtime_ns",
+)
+
+_STEM_RE = re.compile(r"^(?P<index>\d+)_(?P<lighting>[A-Za-z0-9_]+)$")
+
+
+class MissingRawDataError(DatasetError):
+    """The configured raw root or category folder does not exist."""
+
+
+def _classify(rel: PurePosixPath) -> dict[str, Any]:
+    """Turn a path relative to the category root into split / label / role facts, or mark it stray."""
+    parts = rel.parts
+    suffix = rel.suffix.lower()
+    facts: dict[str, Any] = {"role": "stray", "split": "", "label": "", "lighting": "", "stem": rel.stem}
+    if suffix not in IMAGE_SUFFIXES:
+        return facts
+    if len(parts) == 3 and parts[0] in ("train", "validation") and parts[1] == "good":
+        facts |= {"role": "image", "split": parts[0], "label": "good"}
+    elif len(parts) == 3 and parts[0] == "test_public" and parts[1] in ("good", "bad"):
+        facts |= {"role": "image", "split": "test_public", "label": parts[1]}
+    elif len(parts) == 4 and parts[:3] == ("test_public", "ground_truth", "bad") and rel.stem.endswith("_mask"):
+        facts |= {"role": "mask", "split": "test_public", "label": "bad", "stem": rel.stem[: -len("_mask")]}
+    elif len(parts) == 2 and parts[0] in ("test_private", "test_private_mixed"):
+        facts |= {"role": "image", "split": parts[0], "label": "unknown"}
+    else:
+        return facts
+    match = _STEM_RE.match(facts["stem"])
+    facts["lighting"] = match.group("lighting") if match else ""
+    return facts
+
+
+class MVTecAD2Dataset(AbstractDataset[pd.DataFrame, Mapping[str, Any]]):
+    """One category folder of an MVTec AD 2 tree.
+
+    ``load()`` returns a manifest DataFrame with one row per file found: images (with split, label, lighting token
+    and the expected mask path for ``test_public/bad``), masks, and stray files (anything not in the layout) so the
+    validation step can name them. ``save()`` writes ``{relative path: array | callable -> array}`` as PNGs.
+
+    Args:
+        root: The data root holding category folders (e.g. ``data/01_raw/mvtec_ad_2``).
+        category: The category folder name.
+        hint: Appended to the "missing data" error to tell the user how to obtain the data.
+    """
+
+    def __init__(self, root: str, category: str, hint: str = "", metadata: dict[str, Any] | None = None) -> None:
+        self._root = Path(root)
+        self._category = category
+        self._hint = hint
+        self.metadata = metadata
+
+    @property
+    def category_dir(self) -> Path:
+        return self._root / self._category
+
+    def _describe(self) -> dict[str, Any]:
+        return {"root": str(self._root), "category": self._category}
+
+    def _exists(self) -> bool:
+        return self.category_dir.is_dir()
+
+    def load(self) -> pd.DataFrame:
+        cat_dir = self.category_dir
+        if not cat_dir.is_dir():
+            where = "raw data root" if not self._root.is_dir() else "category folder"
+            raise MissingRawDataError(
+                f"MVTec AD 2 {where} not found: '{cat_dir if self._root.is_dir() else self._root}'. "
+                f"Expected '{cat_dir}/train/good/*.png' etc. {self._hint}".strip()
+            )
+        rows: list[dict[str, Any]] = []
+        for dirpath, dirnames, filenames in os.walk(cat_dir):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                full = Path(dirpath) / fname
+                rel = PurePosixPath(full.relative_to(cat_dir).as_posix())
+                if fname.startswith("."):
+                    continue  # editor/OS metadata (.DS_Store, ._foo) is not data and not worth a warning
+                stat = full.stat()
+                rows.append(
+                    {
+                        "category": self._category,
+                        "relpath": str(rel),
+                        "path": str(full),
+                        "bytes": int(stat.st_size),
+                        "mtime_ns": int(stat.st_mtime_ns),
+                        **_classify(rel),
+                    }
+                )
+        frame = pd.DataFrame(rows, columns=[c for c in MANIFEST_COLUMNS if c not in ("mask_relpath", "mask_path", "mask_exists")])
+        masks = set(frame.loc[frame["role"] == "mask", "relpath"]) if len(frame) else set()
+        is_bad = (frame["role"] == "image") & (frame["split"] == "test_public") & (frame["label"] == "bad")
+        frame["mask_relpath"] = np.where(is_bad, "test_public/ground_truth/bad/" + frame["stem"] + "_mask.png", "")
+        frame["mask_path"] = np.where(is_bad, str(cat_dir) + "/" + frame["mask_relpath"], "")
+        frame["mask_exists"] = frame["mask_relpath"].isin(masks)
+        frame["split_order"] = frame["split"].map({s: i for i, s in enumerate(SPLITS)}).fillna(len(SPLITS))
+        frame = frame.sort_values(["split_order", "label", "relpath"]).drop(columns="split_order")
+        logger.info(
+            "Listed %d files in %s (%d images, %d masks, %d stray).",
+            len(frame),
+            cat_dir,
+            int((frame["role"] == "image").sum()),
+            int((frame["role"] == "mask").sum()),
+            int((frame["role"] == "stray").sum()),
+        )
+        return frame.reset_index(drop=True)[list(MANIFEST_COLUMNS)]
+
+    def save(self, data: Mapping[str, np.ndarray | Callable[[], np.ndarray]]) -> None:
+        cat_dir = self.category_dir
+        for rel, item in data.items():
+            array = item() if callable(item) else item
+            target = cat_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_png(target, array)
+
+
+def write_png(path: Path, array: np.ndarray, compression: int = 3) -> None:
+    """Write gray or RGB uint8 as PNG; cv2 wants BGR, our arrays are RGB."""
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    if not cv2.imwrite(str(path), array, [cv2.IMWRITE_PNG_COMPRESSION, compression]):
+        raise OSError(f"Could not write image '{path}'.")

@@ -1,0 +1,61 @@
+"""Project pipelines: one namespaced pipeline per category, built from the stage templates, plus stage pipelines.
+
+Categories come from the ``categories:`` parameters (conf/base, overridden by conf/local or the env named in
+``KEDRO_ENV``), so a new folder in the MVTec AD 2 layout becomes ``kedro run --pipeline=<name>`` without code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from kedro.config import OmegaConfigLoader
+from kedro.framework.project import settings
+from kedro.pipeline import Pipeline, pipeline
+from kedro.utils import find_kedro_project
+
+from madfh_pipeline.categories import pipeline_categories
+from madfh_pipeline.pipelines import demo_data, preprocessing
+
+#: Parameters shared by all categories; every other ``params:`` input of a template is per category.
+SHARED_PARAMETERS: tuple[str, ...] = ("preprocessing", "splits", "demo_data", "data_source")
+
+
+def configured_categories(project_path: Path | None = None, env: str | None = None) -> dict[str, Any]:
+    """Read ``categories:`` the way a run will (base merged with ``env``, default ``KEDRO_ENV`` or ``local``)."""
+    project_path = project_path or find_kedro_project(Path.cwd()) or Path.cwd()
+    conf_source = Path(settings.CONF_SOURCE)
+    if not conf_source.is_absolute():
+        conf_source = project_path / conf_source
+    loader = OmegaConfigLoader(
+        conf_source=str(conf_source),
+        base_env="base",
+        default_run_env=env or os.environ.get("KEDRO_ENV", "local"),
+        merge_strategy={"parameters": "soft"},
+    )
+    return dict(loader["parameters"].get("categories") or {})
+
+
+def namespaced(template: Pipeline, category: str) -> Pipeline:
+    """One copy of a stage template for ``category``: datasets under ``<category>.``, its spec as ``params:category``."""
+    used = {name for n in template.nodes for name in n.inputs if name.startswith("params:")}
+    mapping = {f"params:{p}": f"params:{p}" for p in SHARED_PARAMETERS if f"params:{p}" in used}
+    if "params:category" in used:
+        mapping["params:category"] = f"params:categories.{category}"
+    return pipeline(template, namespace=category, parameters=mapping, tags=[category])
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    """Register ``<category>`` for each category, the stage pipelines over all of them, and ``__default__``."""
+    categories = pipeline_categories(configured_categories())
+    stages = {
+        "preprocessing": preprocessing.create_pipeline(),
+    }
+    per_category = {cat: sum((namespaced(t, cat) for t in stages.values()), Pipeline([])) for cat in categories}
+    pipelines: dict[str, Pipeline] = dict(per_category)
+    for stage, template in stages.items():
+        pipelines[stage] = sum((namespaced(template, cat) for cat in categories), Pipeline([]))
+    pipelines["demo_data"] = sum((namespaced(demo_data.create_pipeline(), cat) for cat in categories), Pipeline([]))
+    pipelines["__default__"] = sum(per_category.values(), Pipeline([]))
+    return pipelines

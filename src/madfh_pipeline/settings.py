@@ -1,0 +1,17 @@
+"""Project settings (see https://docs.kedro.org/en/stable/configure/configuration_basics/)."""
+
+from kedro.config import OmegaConfigLoader
+
+from madfh_pipeline.hooks import RunTagsHook
+
+# LIFO: kedro-mlflow's hook (registered after project hooks) starts the run first, then ours tags it.
+HOOKS = (RunTagsHook(),)
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # Envs override single keys (e.g. conf/demo sets a smaller target size) instead of whole top-level blocks.
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
+    "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+}
