@@ -59,7 +59,9 @@ class CategorySpec:
                 "(it becomes a Kedro namespace and a folder name)."
             )
         if self.width <= 0 or self.height <= 0:
-            raise ValueError(f"Category '{self.name}': width and height must be positive, got {self.width}x{self.height}.")
+            raise ValueError(
+                f"Category '{self.name}': width and height must be positive, got {self.width}x{self.height}."
+            )
         if self.channels not in (1, 3):
             raise ValueError(f"Category '{self.name}': channels must be 1 (gray) or 3 (RGB), got {self.channels}.")
 
@@ -72,13 +74,15 @@ def parse_categories(configured: Mapping[str, Any] | None) -> dict[str, Category
     specs: dict[str, CategorySpec] = {}
     for name, entry in (configured or {}).items():
         entry = dict(entry or {})
-        missing = [k for k in ("width", "height", "channels") if k not in entry]
+        missing = [k for k in ("name", "width", "height", "channels") if k not in entry]
         if missing:
             raise ValueError(
                 f"Category '{name}' under 'categories:' must give {', '.join(missing)} "
-                "(the native image size in pixels and 1 for gray / 3 for RGB)."
+                f"(name: {name}, the native width and height in pixels, and channels: 1 for gray / 3 for RGB)."
             )
-        specs[name] = CategorySpec(name=name, **entry)
+        if entry["name"] != name:
+            raise ValueError(f"Category entry '{name}' has name '{entry['name']}': the two must be the same.")
+        specs[name] = CategorySpec(**entry)
     return specs
 
 

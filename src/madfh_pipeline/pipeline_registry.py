@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from kedro.config import OmegaConfigLoader
+import yaml
 from kedro.framework.project import settings
 from kedro.pipeline import Pipeline, pipeline
 from kedro.utils import find_kedro_project
@@ -22,19 +22,31 @@ from madfh_pipeline.pipelines import demo_data, preprocessing
 SHARED_PARAMETERS: tuple[str, ...] = ("preprocessing", "splits", "demo_data", "data_source")
 
 
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
+    return merged
+
+
 def configured_categories(project_path: Path | None = None, env: str | None = None) -> dict[str, Any]:
-    """Read ``categories:`` the way a run will (base merged with ``env``, default ``KEDRO_ENV`` or ``local``)."""
+    """Read ``categories:`` the way a run will: base, soft-merged with ``env`` (default ``KEDRO_ENV`` or ``local``).
+
+    Plain YAML on purpose: building an ``OmegaConfigLoader`` here would re-register the process-wide ``globals``
+    resolver for this env and silently change how the run's own catalog resolves ``${globals:...}``.
+    """
     project_path = project_path or find_kedro_project(Path.cwd()) or Path.cwd()
     conf_source = Path(settings.CONF_SOURCE)
     if not conf_source.is_absolute():
         conf_source = project_path / conf_source
-    loader = OmegaConfigLoader(
-        conf_source=str(conf_source),
-        base_env="base",
-        default_run_env=env or os.environ.get("KEDRO_ENV", "local"),
-        merge_strategy={"parameters": "soft"},
-    )
-    return dict(loader["parameters"].get("categories") or {})
+    categories: dict[str, Any] = {}
+    for env_name in ("base", env or os.environ.get("KEDRO_ENV", "local")):
+        for path in sorted((conf_source / env_name).glob("parameters*.yml")):
+            content = yaml.safe_load(path.read_text()) or {}
+            categories = _merge(categories, content.get("categories") or {})
+    return categories
 
 
 def namespaced(template: Pipeline, category: str) -> Pipeline:

@@ -56,7 +56,9 @@ class ImageStore:
         try:
             return pd.read_parquet(index)
         except (OSError, ValueError) as exc:  # a broken index only costs a full re-run, never wrong data
-            logger.warning("Ignoring unreadable preprocessing index '%s' (%s); every image is processed again.", index, exc)
+            logger.warning(
+                "Ignoring unreadable preprocessing index '%s' (%s); every image is processed again.", index, exc
+            )
             return pd.DataFrame()
 
     def write_index(self, frame: pd.DataFrame) -> None:

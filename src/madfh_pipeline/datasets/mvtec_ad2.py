@@ -3,15 +3,17 @@
 A category is gigabytes of 5-megapixel PNGs, so loading returns a *manifest* (one row per file, paths and facts
 from the file system only) and never pixels; nodes decode images one at a time. The same class can also write a tree
 in the layout (used by the demo data generator), given a mapping of relative paths to arrays or to callables that
-produce them, so that generation can stream instead of holding a category in memory.
+render them, so that generation streams over all cores instead of holding a category in memory.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import re
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -19,6 +21,7 @@ import cv2
 import numpy as np
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
+from tqdm.auto import tqdm
 
 from madfh_pipeline.categories import IMAGE_SUFFIXES, SPLITS
 
@@ -74,7 +77,8 @@ class MVTecAD2Dataset(AbstractDataset[pd.DataFrame, Mapping[str, Any]]):
 
     ``load()`` returns a manifest DataFrame with one row per file found: images (with split, label, lighting token
     and the expected mask path for ``test_public/bad``), masks, and stray files (anything not in the layout) so the
-    validation step can name them. ``save()`` writes ``{relative path: array | callable -> array}`` as PNGs.
+    validation step can name them. ``save()`` writes ``{key: array}`` at the key, or ``{key: callable}`` where
+    the callable renders a bundle ``{relative path: array}`` (an image and its mask) in a worker process.
 
     Args:
         root: The data root holding category folders (e.g. ``data/01_raw/mvtec_ad_2``).
@@ -82,10 +86,18 @@ class MVTecAD2Dataset(AbstractDataset[pd.DataFrame, Mapping[str, Any]]):
         hint: Appended to the "missing data" error to tell the user how to obtain the data.
     """
 
-    def __init__(self, root: str, category: str, hint: str = "", metadata: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        category: str,
+        hint: str = "",
+        workers: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
         self._root = Path(root)
         self._category = category
         self._hint = hint
+        self._workers = workers or os.cpu_count() or 1
         self.metadata = metadata
 
     @property
@@ -125,7 +137,9 @@ class MVTecAD2Dataset(AbstractDataset[pd.DataFrame, Mapping[str, Any]]):
                         **_classify(rel),
                     }
                 )
-        frame = pd.DataFrame(rows, columns=[c for c in MANIFEST_COLUMNS if c not in ("mask_relpath", "mask_path", "mask_exists")])
+        frame = pd.DataFrame(
+            rows, columns=[c for c in MANIFEST_COLUMNS if c not in ("mask_relpath", "mask_path", "mask_exists")]
+        )
         masks = set(frame.loc[frame["role"] == "mask", "relpath"]) if len(frame) else set()
         is_bad = (frame["role"] == "image") & (frame["split"] == "test_public") & (frame["label"] == "bad")
         frame["mask_relpath"] = np.where(is_bad, "test_public/ground_truth/bad/" + frame["stem"] + "_mask.png", "")
@@ -143,13 +157,36 @@ class MVTecAD2Dataset(AbstractDataset[pd.DataFrame, Mapping[str, Any]]):
         )
         return frame.reset_index(drop=True)[list(MANIFEST_COLUMNS)]
 
-    def save(self, data: Mapping[str, np.ndarray | Callable[[], np.ndarray]]) -> None:
+    def save(self, data: Mapping[str, Any]) -> None:
+        """Write arrays at their keys; callables render bundles ``{relative path: array}`` in worker processes."""
         cat_dir = self.category_dir
-        for rel, item in data.items():
-            array = item() if callable(item) else item
-            target = cat_dir / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_png(target, array)
+        arrays = {k: v for k, v in data.items() if not callable(v)}
+        bundles = [v for v in data.values() if callable(v)]
+        for rel, array in arrays.items():
+            _write_bundle(cat_dir, {rel: array})
+        progress = tqdm(total=len(bundles), desc=f"write {self._category}", unit="img", disable=None)
+        if self._workers <= 1 or len(bundles) <= 1:
+            for bundle in bundles:
+                _write_bundle(cat_dir, bundle())
+                progress.update()
+        else:
+            context = mp.get_context("spawn")  # the parent holds torch's thread pools, which fork can deadlock
+            with ProcessPoolExecutor(max_workers=self._workers, mp_context=context) as pool:
+                for _ in pool.map(_render_and_write, [cat_dir] * len(bundles), bundles):
+                    progress.update()
+        progress.close()
+        logger.info("Wrote %d files to %s.", len(arrays) + len(bundles), cat_dir)
+
+
+def _write_bundle(cat_dir: Path, bundle: Mapping[str, np.ndarray]) -> None:
+    for rel, array in bundle.items():
+        target = cat_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_png(target, array)
+
+
+def _render_and_write(cat_dir: Path, render: Callable[[], Mapping[str, np.ndarray]]) -> None:
+    _write_bundle(cat_dir, render())
 
 
 def write_png(path: Path, array: np.ndarray, compression: int = 3) -> None:

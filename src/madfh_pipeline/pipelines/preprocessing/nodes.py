@@ -27,7 +27,7 @@ from madfh_pipeline.imaging import Geometry, ImageReadError, convert_channels, i
 logger = logging.getLogger(__name__)
 
 #: Columns that decide whether an earlier output can be reused for a source file.
-_FINGERPRINT_COLUMNS = ("bytes", "mtime_ns", "content_hash", "settings")
+_FINGERPRINT_COLUMNS = ("bytes", "mtime_ns", "mask_bytes", "mask_mtime_ns", "content_hash", "settings")
 
 
 class NoUsableDataError(RuntimeError):
@@ -61,6 +61,10 @@ def validate_layout(raw_manifest: pd.DataFrame, category: dict[str, Any]) -> pd.
     images = frame["role"] == "image"
     frame.loc[frame["role"] == "stray", "problem"] = "stray file: not part of the MVTec AD 2 layout"
     masks = frame[frame["role"] == "mask"]
+    # The mask's own stat is part of its image's fingerprint, so a replaced mask re-processes the image.
+    mask_stat = masks.set_index("relpath")[["bytes", "mtime_ns"]]
+    frame["mask_bytes"] = frame["mask_relpath"].map(mask_stat["bytes"]).fillna(-1).astype("int64")
+    frame["mask_mtime_ns"] = frame["mask_relpath"].map(mask_stat["mtime_ns"]).fillna(-1).astype("int64")
     used_masks = set(frame.loc[images & (frame["mask_relpath"] != ""), "mask_relpath"])
     orphan = frame.index.isin(masks.index[~masks["relpath"].isin(used_masks)])
     frame.loc[orphan, "problem"] = "mask without a matching image in test_public/bad"
@@ -177,16 +181,23 @@ def preprocess_images(
     previous = store.read_index() if settings.get("incremental", True) else pd.DataFrame()
     unchanged = pd.Series(False, index=frame.index)
     if not previous.empty and set(_FINGERPRINT_COLUMNS) <= set(previous.columns):
-        prev_ok = previous[previous["status"].isin(["processed", "unchanged"])].set_index("relpath")
+        # Known-bad files that did not change keep their problem without being decoded again.
+        prev = previous[previous["status"].isin(["processed", "unchanged", "skipped"])].set_index("relpath")
+        compared = [c for c in _FINGERPRINT_COLUMNS if c != "mtime_ns" or not use_hash]
         for idx in frame.index[candidates]:
             rel = frame.at[idx, "relpath"]
-            if rel not in prev_ok.index:
+            if rel not in prev.index:
                 continue
-            old = prev_ok.loc[rel]
-            same = all(str(old[c]) == str(frame.at[idx, c]) for c in _FINGERPRINT_COLUMNS if c != "mtime_ns" or not use_hash)
+            old = prev.loc[rel]
+            if any(str(old[c]) != str(frame.at[idx, c]) for c in compared):
+                continue
+            if old["status"] == "skipped":
+                frame.at[idx, "problem"] = old["problem"]
+                continue
             mask_rel = frame.at[idx, "mask_relpath"]
-            if same and store.exists(rel) and (not mask_rel or store.exists(mask_rel)):
+            if store.exists(rel) and (not mask_rel or store.exists(mask_rel)):
                 unchanged[idx] = True
+    candidates = candidates & (frame["problem"] == "")
 
     todo = frame.index[candidates & ~unchanged]
     tasks = [
