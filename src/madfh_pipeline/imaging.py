@@ -89,11 +89,22 @@ class Geometry:
     @classmethod
     def plan(cls, src_width: int, src_height: int, dst_width: int, dst_height: int, mode: ResizeMode) -> Geometry:
         if mode == "stretch":
-            return cls(src_width, src_height, dst_width, dst_height, dst_width / src_width, dst_height / src_height, 0, 0)
+            return cls(
+                src_width, src_height, dst_width, dst_height, dst_width / src_width, dst_height / src_height, 0, 0
+            )
         if mode == "letterbox":
             scale = min(dst_width / src_width, dst_height / src_height)
             cw, ch = round(src_width * scale), round(src_height * scale)
-            return cls(src_width, src_height, dst_width, dst_height, scale, scale, (dst_width - cw) // 2, (dst_height - ch) // 2)
+            return cls(
+                src_width,
+                src_height,
+                dst_width,
+                dst_height,
+                scale,
+                scale,
+                (dst_width - cw) // 2,
+                (dst_height - ch) // 2,
+            )
         raise ValueError(f"Unknown resize mode '{mode}': use 'stretch' or 'letterbox'.")
 
     def apply(self, image: np.ndarray, is_mask: bool = False) -> np.ndarray:
