@@ -162,7 +162,7 @@ def test_lighting_variants_differ_from_regular(category: str) -> None:
     for token in LIGHTING_TOKENS[1:]:
         other = render_normal(spec, _rng(5), token).astype(np.float32)
         assert other.shape == regular.shape
-        assert np.abs(other - regular).mean() > 4.0, token
+        assert np.abs(other - regular).mean() > 2.0, token  # mild by design: the demo must stay learnable
     assert render_normal(spec, _rng(5), "mixed").shape == regular.shape
 
 

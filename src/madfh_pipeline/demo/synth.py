@@ -54,6 +54,7 @@ _MIN_DELTA = 4.0 / 255.0
 # Sensor noise, in grey levels (1 sigma).
 _NOISE_SIGMA = 1.2
 _MIN_DEFECT_PX = 3.0
+_TINY_DEFECT_SHARE = 0.2
 
 _F32 = np.float32
 
@@ -854,6 +855,13 @@ def _pick_centre(fg: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
     return int(xs[i]), int(ys[i])
 
 
+def _defect_size(rng: np.random.Generator, max_px: float, object_px: float) -> float:
+    """Defect size in pixels: one defect in five is log-uniform down to a few pixels (the hard, tiny ones); the rest
+    span a tenth of an object up to ``max_px``, so the demo stays hard but a good detector can reach high AUROC."""
+    low = _MIN_DEFECT_PX if rng.random() < _TINY_DEFECT_SHARE else max(_MIN_DEFECT_PX, 0.1 * object_px)
+    return math.exp(rng.uniform(math.log(low), math.log(max(max_px, low * 1.01))))
+
+
 def _apply_defects(
     scene: _Scene,
     rng: np.random.Generator,
@@ -875,7 +883,7 @@ def _apply_defects(
     for _ in range(n):
         kind = str(pool[int(rng.integers(len(pool)))])
         for _attempt in range(12):
-            s = size_px if size_px is not None else math.exp(rng.uniform(math.log(_MIN_DEFECT_PX), math.log(max_px)))
+            s = size_px if size_px is not None else _defect_size(rng, max_px, scene.object_px)
             x, y = _pick_centre(scene.foreground, rng)
             r = int(math.ceil(1.3 * s)) + 6
             x0, y0, x1, y1 = max(0, x - r), max(0, y - r), min(w, x + r + 1), min(h, y + r + 1)
@@ -922,14 +930,14 @@ def _lighting(token: str, h: int, w: int, c: int, rng: np.random.Generator) -> C
     if token == "regular":
         return lambda x: x
     if token == "overexposed":
-        gain = _F32(rng.uniform(1.7, 2.3))
+        gain = _F32(rng.uniform(1.25, 1.4))
         return lambda x: x * gain
     if token == "underexposed":
-        gain = _F32(rng.uniform(0.3, 0.45))
+        gain = _F32(rng.uniform(0.6, 0.72))
         return lambda x: x * gain
     if token == "shift_1":  # illumination gradient across the field of view
         ang = rng.uniform(0.0, 2 * math.pi)
-        strength = rng.uniform(0.35, 0.55)
+        strength = rng.uniform(0.2, 0.3)
         field = _low_res_field(
             lambda x, y: 1.0 + strength * ((x - 0.5) * math.cos(ang) + (y - 0.5) * math.sin(ang)) * 2.0, h, w
         )[:, :, None]
@@ -937,16 +945,16 @@ def _lighting(token: str, h: int, w: int, c: int, rng: np.random.Generator) -> C
     if token == "shift_2":  # different light source: colour cast (RGB) or flat, low-contrast light (grey)
         if c == 3:
             warm = rng.random() < 0.5
-            gains = np.array([1.25, 1.0, 0.72] if warm else [0.75, 0.95, 1.3], _F32) * _F32(rng.uniform(0.9, 1.1))
+            gains = np.array([1.12, 1.0, 0.88] if warm else [0.9, 0.97, 1.12], _F32) * _F32(rng.uniform(0.95, 1.05))
             return lambda x: x * gains[None, None, :]
-        contrast = _F32(rng.uniform(0.55, 0.7))
-        offset = _F32(rng.uniform(0.15, 0.25))
+        contrast = _F32(rng.uniform(0.8, 0.88))
+        offset = _F32(rng.uniform(0.06, 0.1))
         return lambda x: x * contrast + offset
     if token == "shift_3":  # off-centre spot light with strong fall-off
         sx, sy = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8)
         sigma = rng.uniform(0.3, 0.45)
         field = _low_res_field(
-            lambda x, y: 0.45 + 0.9 * np.exp(-((x - sx) ** 2 + (y - sy) ** 2) / (2 * sigma * sigma)), h, w
+            lambda x, y: 0.8 + 0.3 * np.exp(-((x - sx) ** 2 + (y - sy) ** 2) / (2 * sigma * sigma)), h, w
         )[:, :, None]
         return lambda x: x * field
     raise ValueError(f"unknown lighting token {token!r}; known: {LIGHTING_TOKENS + (MIXED_TOKEN,)}")
