@@ -1,11 +1,20 @@
 """Project settings (see https://docs.kedro.org/en/stable/configure/configuration_basics/)."""
 
+from pathlib import Path
+
 from kedro.config import OmegaConfigLoader
+from kedro.utils import find_kedro_project
 
 from madfh_pipeline.hooks import RunTagsHook
 
 # LIFO: kedro-mlflow's hook (registered after project hooks) starts the run first, then ours tags it.
 HOOKS = (RunTagsHook(),)
+
+
+def project_root() -> str:
+    """The project folder, so relative stores (``sqlite:///.../mlflow.db``) do not depend on the working directory."""
+    return str(find_kedro_project(Path.cwd()) or Path.cwd())
+
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -14,4 +23,5 @@ CONFIG_LOADER_ARGS = {
     # Envs override single keys (e.g. conf/demo sets a smaller target size) instead of whole top-level blocks.
     "merge_strategy": {"parameters": "soft", "globals": "soft"},
     "config_patterns": {"mlflow": ["mlflow*", "mlflow*/**"]},
+    "custom_resolvers": {"project_root": project_root},
 }

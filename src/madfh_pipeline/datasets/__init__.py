@@ -1,16 +1,28 @@
-"""Kedro datasets of the project: the MVTec AD 2 folder reader, the processed image store, saved detectors."""
+"""Kedro datasets of the project: the MVTec AD 2 folder reader, the processed image and map stores, saved detectors.
 
-from madfh_pipeline.datasets.detector import DetectorDataset
-from madfh_pipeline.datasets.image_store import ImageStore, ImageStoreDataset
-from madfh_pipeline.datasets.map_store import MapStore, MapStoreDataset
-from madfh_pipeline.datasets.mvtec_ad2 import MissingRawDataError, MVTecAD2Dataset
+Imported lazily: preprocessing workers are spawned processes that import the image store, and pulling in torch (via
+the detector dataset) would cost each of them seconds.
+"""
 
-__all__ = [
-    "DetectorDataset",
-    "ImageStore",
-    "ImageStoreDataset",
-    "MVTecAD2Dataset",
-    "MapStore",
-    "MapStoreDataset",
-    "MissingRawDataError",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DetectorDataset": "madfh_pipeline.datasets.detector",
+    "ImageStore": "madfh_pipeline.datasets.image_store",
+    "ImageStoreDataset": "madfh_pipeline.datasets.image_store",
+    "MapStore": "madfh_pipeline.datasets.map_store",
+    "MapStoreDataset": "madfh_pipeline.datasets.map_store",
+    "MVTecAD2Dataset": "madfh_pipeline.datasets.mvtec_ad2",
+    "MissingRawDataError": "madfh_pipeline.datasets.mvtec_ad2",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -81,20 +81,21 @@ class MVTecAD2Dataset(AbstractDataset[pd.DataFrame, Mapping[str, Any]]):
     the callable renders a bundle ``{relative path: array}`` (an image and its mask) in a worker process.
 
     Args:
-        root: The data root holding category folders (e.g. ``data/01_raw/mvtec_ad_2``).
+        path: The data root holding category folders (e.g. ``data/01_raw/mvtec_ad_2``); named ``path`` so Kedro
+            resolves a relative root against the project folder, not the working directory.
         category: The category folder name.
         hint: Appended to the "missing data" error to tell the user how to obtain the data.
     """
 
     def __init__(
         self,
-        root: str,
+        path: str,
         category: str,
         hint: str = "",
         workers: int | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        self._root = Path(root)
+        self._root = Path(path)
         self._category = category
         self._hint = hint
         self._workers = workers or os.cpu_count() or 1
@@ -120,7 +121,8 @@ class MVTecAD2Dataset(AbstractDataset[pd.DataFrame, Mapping[str, Any]]):
             )
         rows: list[dict[str, Any]] = []
         for dirpath, dirnames, filenames in os.walk(cat_dir):
-            dirnames.sort()
+            # Hidden folders (.ipynb_checkpoints, .git, ...) are tooling, not data: not walked, not reported.
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for fname in sorted(filenames):
                 full = Path(dirpath) / fname
                 rel = PurePosixPath(full.relative_to(cat_dir).as_posix())
@@ -190,8 +192,10 @@ def _render_and_write(cat_dir: Path, render: Callable[[], Mapping[str, np.ndarra
 
 
 def write_png(path: Path, array: np.ndarray, compression: int = 3) -> None:
-    """Write gray or RGB uint8 as PNG; cv2 wants BGR, our arrays are RGB."""
+    """Write gray or RGB uint8 as PNG whatever the file suffix (cv2.imwrite would pick a lossy codec for .jpg)."""
     if array.ndim == 3 and array.shape[2] == 3:
         array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    if not cv2.imwrite(str(path), array, [cv2.IMWRITE_PNG_COMPRESSION, compression]):
-        raise OSError(f"Could not write image '{path}'.")
+    ok, buffer = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise OSError(f"Could not encode image for '{path}'.")
+    buffer.tofile(str(path))

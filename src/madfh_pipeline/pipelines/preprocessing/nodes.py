@@ -62,9 +62,11 @@ def validate_layout(raw_manifest: pd.DataFrame, category: dict[str, Any]) -> pd.
     frame.loc[frame["role"] == "stray", "problem"] = "stray file: not part of the MVTec AD 2 layout"
     masks = frame[frame["role"] == "mask"]
     # The mask's own stat is part of its image's fingerprint, so a replaced mask re-processes the image.
-    mask_stat = masks.set_index("relpath")[["bytes", "mtime_ns"]]
-    frame["mask_bytes"] = frame["mask_relpath"].map(mask_stat["bytes"]).fillna(-1).astype("int64")
-    frame["mask_mtime_ns"] = frame["mask_relpath"].map(mask_stat["mtime_ns"]).fillna(-1).astype("int64")
+    # Plain dicts, not Series.map: a NaN for image rows without a mask would push int64 nanoseconds through float64.
+    mask_bytes = dict(zip(masks["relpath"], masks["bytes"], strict=True))
+    mask_mtime = dict(zip(masks["relpath"], masks["mtime_ns"], strict=True))
+    frame["mask_bytes"] = [int(mask_bytes.get(r, -1)) for r in frame["mask_relpath"]]
+    frame["mask_mtime_ns"] = [int(mask_mtime.get(r, -1)) for r in frame["mask_relpath"]]
     used_masks = set(frame.loc[images & (frame["mask_relpath"] != ""), "mask_relpath"])
     orphan = frame.index.isin(masks.index[~masks["relpath"].isin(used_masks)])
     frame.loc[orphan, "problem"] = "mask without a matching image in test_public/bad"
