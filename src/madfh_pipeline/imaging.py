@@ -8,12 +8,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 ResizeMode = Literal["stretch", "letterbox"]
+
+#: Manifest columns that describe how an image was placed on the canvas (see :class:`Geometry`).
+GEOMETRY_COLUMNS: tuple[str, ...] = (
+    "src_width",
+    "src_height",
+    "dst_width",
+    "dst_height",
+    "scale_x",
+    "scale_y",
+    "pad_x",
+    "pad_y",
+)
 
 
 class ImageReadError(ValueError):
@@ -86,6 +98,20 @@ class Geometry:
     def content_height(self) -> int:
         return round(self.src_height * self.scale_y)
 
+    @property
+    def content(self) -> tuple[slice, slice]:
+        """(rows, cols) of the canvas that hold image content; letterbox padding lies outside and is not data."""
+        return (
+            slice(self.pad_y, self.pad_y + self.content_height),
+            slice(self.pad_x, self.pad_x + self.content_width),
+        )
+
+    @classmethod
+    def from_row(cls, row: Any) -> Geometry:
+        """From a manifest row (mapping or namedtuple) holding the columns written by preprocessing."""
+        get = row.get if hasattr(row, "get") else lambda key: getattr(row, key)
+        return cls(**{name: get(name) for name in GEOMETRY_COLUMNS})
+
     @classmethod
     def plan(cls, src_width: int, src_height: int, dst_width: int, dst_height: int, mode: ResizeMode) -> Geometry:
         if mode == "stretch":
@@ -116,12 +142,12 @@ class Geometry:
         if self.pad_x == 0 and self.pad_y == 0 and content.shape[:2] == (self.dst_height, self.dst_width):
             return content
         canvas = np.zeros((self.dst_height, self.dst_width, *image.shape[2:]), dtype=image.dtype)
-        canvas[self.pad_y : self.pad_y + self.content_height, self.pad_x : self.pad_x + self.content_width] = content
+        canvas[self.content] = content
         return canvas
 
     def invert(self, anomaly_map: np.ndarray) -> np.ndarray:
         """Canvas → native, for float anomaly maps (linear interpolation; padding is cropped away)."""
-        crop = anomaly_map[self.pad_y : self.pad_y + self.content_height, self.pad_x : self.pad_x + self.content_width]
+        crop = anomaly_map[self.content]
         return cv2.resize(crop, (self.src_width, self.src_height), interpolation=cv2.INTER_LINEAR)
 
     def to_dict(self) -> dict[str, float | int]:

@@ -25,28 +25,48 @@ def to_tensor(images: Sequence[np.ndarray]) -> torch.Tensor:
 def image_batches(
     store: ImageStore, keys: Sequence[str], batch_size: int, channels: int | None = None, prefetch: int = 2
 ) -> Iterator[tuple[list[str], torch.Tensor]]:
-    """Yield ``(keys, batch)`` pairs in order; decoding runs one batch ahead in a thread."""
+    """Yield ``(keys, batch)`` pairs in order; decoding runs one batch ahead in a thread.
+
+    A consumer that stops early (``break``, an exception in the model) stops the producer too, so no thread or
+    decoded batch outlives the loop.
+    """
     chunks = [list(keys[i : i + batch_size]) for i in range(0, len(keys), batch_size)]
     if not chunks:
         return
     buffer: queue.Queue[tuple[list[str], torch.Tensor] | BaseException | None] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item: tuple[list[str], torch.Tensor] | BaseException | None) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def produce() -> None:
         try:
             for chunk in chunks:
-                buffer.put((chunk, to_tensor([store.read(k, channels) for k in chunk])))
+                if not put((chunk, to_tensor([store.read(k, channels) for k in chunk]))):
+                    return
         except BaseException as exc:  # re-raised in the consumer, with the file named by read_image
-            buffer.put(exc)
+            put(exc)
             return
-        buffer.put(None)
+        put(None)
 
     thread = threading.Thread(target=produce, daemon=True)
     thread.start()
-    while True:
-        item = buffer.get()
-        if item is None:
-            break
-        if isinstance(item, BaseException):
-            raise item
-        yield item
-    thread.join()
+    try:
+        while True:
+            item = buffer.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while not buffer.empty():
+            buffer.get_nowait()
+        thread.join()

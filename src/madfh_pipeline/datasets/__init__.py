@@ -19,7 +19,15 @@ _EXPORTS = {
     "MissingRawDataError": "madfh_pipeline.datasets.mvtec_ad2",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "DetectorDataset",
+    "ImageStore",
+    "ImageStoreDataset",
+    "MVTecAD2Dataset",
+    "MapStore",
+    "MapStoreDataset",
+    "MissingRawDataError",
+]
 
 
 def __getattr__(name: str) -> Any:

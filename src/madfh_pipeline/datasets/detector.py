@@ -34,6 +34,9 @@ class DetectorDataset(AbstractVersionedDataset[AnomalyDetector, AnomalyDetector]
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "version": self._version, "device": self._device}
 
+    def _exists(self) -> bool:
+        return self._exists_function(str(self._get_load_path()))
+
     def load(self) -> AnomalyDetector:
         return load_detector(self._get_load_path(), device=self._device)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from madfh_pipeline.datasets.image_store import ImageStore
+from madfh_pipeline.imaging import Geometry
 from madfh_pipeline.metrics import mean_std_threshold, percentile_threshold
 from madfh_pipeline.models.base import AnomalyDetector, Thresholds, build_detector, resolve_device
 from madfh_pipeline.streaming import image_batches
@@ -56,9 +58,9 @@ def fit_detector(
     seconds = time.perf_counter() - start
     metrics: dict[str, Any] = {"fit_seconds": {"value": seconds, "step": 0}, "n_train": {"value": len(keys), "step": 0}}
     for key, values in history.items():
-        if isinstance(values, list | tuple) and values and all(isinstance(v, int | float) for v in values):
+        if isinstance(values, list | tuple) and values and all(isinstance(v, Real) for v in values):
             metrics[f"train_{key}"] = [{"value": float(v), "step": i} for i, v in enumerate(values)]
-        elif isinstance(values, int | float):
+        elif isinstance(values, Real):
             metrics[f"train_{key}"] = {"value": float(values), "step": 0}
     logger.info("Fitted %s in %.1f s.", name, seconds)
     return model, metrics
@@ -75,6 +77,8 @@ def calibrate_thresholds(
     keys = _keys(manifest, "validation")
     if not keys:
         raise ValueError("No validation/good images: thresholds cannot be calibrated from normal data.")
+    # Letterbox padding is not part of any image: its pixels must not pull the pixel statistics down.
+    content = {row.relpath: Geometry.from_row(row).content for row in manifest.itertuples(index=False)}
     device = resolve_device(runtime.get("device", "auto"))
     model.to(device)
     maps: list[np.ndarray] = []
@@ -83,12 +87,12 @@ def calibrate_thresholds(
     for chunk, batch in image_batches(store, keys, int(runtime.get("batch_size", 8))):
         with torch.no_grad():
             out = model.predict(batch.to(device))
-        maps.append(out.maps.astype(np.float32))
+        maps.extend(m[content[key]].astype(np.float32) for key, m in zip(chunk, out.maps, strict=True))
         scores.append(out.scores.astype(np.float64))
         progress.update(len(chunk))
     progress.close()
     k = float(thresholds.get("pixel_k", 3.0))
-    pixel, mean, std = mean_std_threshold((m for batch_maps in maps for m in batch_maps), k=k)
+    pixel, mean, std = mean_std_threshold(maps, k=k)
     image_scores = np.concatenate(scores)
     rule = thresholds.get("image_rule", "mean_std")
     if rule == "mean_std":

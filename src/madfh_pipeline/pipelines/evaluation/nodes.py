@@ -30,7 +30,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from madfh_pipeline import metrics as M  # noqa: E402
 from madfh_pipeline.datasets.image_store import ImageStore  # noqa: E402
 from madfh_pipeline.datasets.map_store import MapStore  # noqa: E402
-from madfh_pipeline.imaging import Geometry  # noqa: E402
+from madfh_pipeline.imaging import GEOMETRY_COLUMNS, Geometry  # noqa: E402
 from madfh_pipeline.models.base import AnomalyDetector, resolve_device  # noqa: E402
 from madfh_pipeline.streaming import image_batches  # noqa: E402
 
@@ -71,7 +71,7 @@ def score_images(
         progress.update(len(chunk))
     progress.close()
     seconds = time.perf_counter() - start
-    table = rows[["relpath", "split", "label", "lighting", "has_mask", "mask_relpath"]].copy()
+    table = rows[["relpath", "split", "label", "lighting", "has_mask", "mask_relpath", *GEOMETRY_COLUMNS]].copy()
     table["score"] = table["relpath"].map(scores)
     table["map_key"] = table["relpath"].map(map_key)
     table["predicted_anomalous"] = (
@@ -94,8 +94,10 @@ def score_images(
 def _masks_and_maps(
     rows: pd.DataFrame, store: ImageStore, maps: MapStore
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Ground truth and maps cropped to the image content (letterbox padding is not part of the image)."""
     masks, anomaly_maps, names = [], [], []
     for row in rows.itertuples(index=False):
+        content = Geometry.from_row(row).content
         anomaly_map = maps.read_map(row.map_key)
         if row.label == "bad":
             if not row.has_mask:
@@ -106,8 +108,8 @@ def _masks_and_maps(
             mask = M.validate_mask(store.read(row.mask_relpath, channels=1), anomaly_map.shape, str(path))
         else:
             mask = np.zeros(anomaly_map.shape, dtype=bool)
-        masks.append(mask)
-        anomaly_maps.append(anomaly_map)
+        masks.append(mask[content])
+        anomaly_maps.append(anomaly_map[content])
         names.append(row.relpath)
     return masks, anomaly_maps, names
 
@@ -171,6 +173,7 @@ def compute_metrics(
             if isinstance(value, float) and math.isfinite(value):
                 flat[f"{split}.{key}"] = {"value": value, "step": 0}
     overall = report["test_public"].get("all", {})
+    report = _json_safe(report)
     logger.info(
         "%s on test_public: image AUROC %.3f, AU-PRO@0.05 %.3f, SegF1 %.3f.",
         model.name,
@@ -179,6 +182,15 @@ def compute_metrics(
         overall.get("seg_f1", float("nan")),
     )
     return report, flat
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (e.g. AUROC of a lighting group without defects) becomes null: strict JSON has no NaN."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _overlay(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray | None, vmax: float) -> np.ndarray:
@@ -291,10 +303,9 @@ def export_submission(
     if private.empty:
         logger.info("No test_private images: nothing to export for the benchmark server.")
         return summary
-    geometry_cols = ["src_width", "src_height", "dst_width", "dst_height", "scale_x", "scale_y", "pad_x", "pad_y"]
     facts = manifest.set_index("relpath")
     for row in tqdm(list(private.itertuples(index=False)), desc=f"export {model.name}", unit="img", disable=None):
-        geometry = Geometry(**{c: facts.at[row.relpath, c] for c in geometry_cols})
+        geometry = Geometry.from_row(row)
         native = geometry.invert(maps.read_map(row.map_key))
         category = facts.at[row.relpath, "category"]
         stem = PurePosixPath(row.relpath).stem
