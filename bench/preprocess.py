@@ -24,8 +24,8 @@ import cv2
 
 from madfh_pipeline.categories import CategorySpec
 from madfh_pipeline.datasets import ImageStore, MVTecAD2Dataset
-from madfh_pipeline.datasets.mvtec_ad2 import write_png
 from madfh_pipeline.demo.synth import SceneSpec, render_normal
+from madfh_pipeline.imaging import write_png
 from madfh_pipeline.pipelines.preprocessing.nodes import preprocess_images, validate_layout
 
 logger = logging.getLogger("bench.preprocess")

@@ -60,6 +60,16 @@ def read_image(path: str | Path, channels: int | None = None) -> np.ndarray:
     return convert_channels(image, channels) if channels else image
 
 
+def write_png(path: str | Path, array: np.ndarray, compression: int = 3) -> None:
+    """Write gray or RGB uint8 as PNG whatever the file suffix (cv2.imwrite would pick a lossy codec for .jpg)."""
+    if array.ndim == 3 and array.shape[2] == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, compression])
+    if not ok:
+        raise OSError(f"Could not encode image for '{path}'.")
+    buffer.tofile(str(path))
+
+
 def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
     """Gray ↔ RGB conversion; a no-op when the image already has ``channels``."""
     if channels == 1 and image.ndim == 3:

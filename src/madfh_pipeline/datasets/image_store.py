@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 
-from madfh_pipeline.datasets.mvtec_ad2 import write_png
-from madfh_pipeline.imaging import read_image
+from madfh_pipeline.imaging import read_image, write_png
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import numpy as np
 import tifffile
 from kedro.io import AbstractDataset, DatasetError
 
-from madfh_pipeline.datasets.mvtec_ad2 import write_png
+from madfh_pipeline.imaging import write_png
 
 
 class MapStore:

@@ -9,21 +9,19 @@ render them, so that generation streams over all cores instead of holding a cate
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import re
-from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 from kedro.io import AbstractDataset, DatasetError
 from tqdm.auto import tqdm
 
 from madfh_pipeline.categories import IMAGE_SUFFIXES, SPLITS
+from madfh_pipeline.workers import process_pool, render_and_write, write_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -164,38 +162,15 @@ class MVTecAD2Dataset(AbstractDataset[pd.DataFrame, Mapping[str, Any]]):
         cat_dir = self.category_dir
         arrays = {k: v for k, v in data.items() if not callable(v)}
         bundles = [v for v in data.values() if callable(v)]
-        for rel, array in arrays.items():
-            _write_bundle(cat_dir, {rel: array})
+        write_bundle(cat_dir, arrays)
         progress = tqdm(total=len(bundles), desc=f"write {self._category}", unit="img", disable=None)
         if self._workers <= 1 or len(bundles) <= 1:
             for bundle in bundles:
-                _write_bundle(cat_dir, bundle())
+                write_bundle(cat_dir, bundle())
                 progress.update()
         else:
-            context = mp.get_context("spawn")  # the parent holds torch's thread pools, which fork can deadlock
-            with ProcessPoolExecutor(max_workers=self._workers, mp_context=context) as pool:
-                for _ in pool.map(_render_and_write, [cat_dir] * len(bundles), bundles):
+            with process_pool(self._workers) as pool:
+                for _ in pool.map(render_and_write, [cat_dir] * len(bundles), bundles):
                     progress.update()
         progress.close()
         logger.info("Wrote %d files to %s.", len(arrays) + len(bundles), cat_dir)
-
-
-def _write_bundle(cat_dir: Path, bundle: Mapping[str, np.ndarray]) -> None:
-    for rel, array in bundle.items():
-        target = cat_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_png(target, array)
-
-
-def _render_and_write(cat_dir: Path, render: Callable[[], Mapping[str, np.ndarray]]) -> None:
-    _write_bundle(cat_dir, render())
-
-
-def write_png(path: Path, array: np.ndarray, compression: int = 3) -> None:
-    """Write gray or RGB uint8 as PNG whatever the file suffix (cv2.imwrite would pick a lossy codec for .jpg)."""
-    if array.ndim == 3 and array.shape[2] == 3:
-        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, buffer = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, compression])
-    if not ok:
-        raise OSError(f"Could not encode image for '{path}'.")
-    buffer.tofile(str(path))

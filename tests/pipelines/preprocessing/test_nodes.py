@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from madfh_pipeline import workers as worker_module
 from madfh_pipeline.datasets import ImageStore, MVTecAD2Dataset
 from madfh_pipeline.imaging import read_image
-from madfh_pipeline.pipelines.preprocessing import nodes
 from madfh_pipeline.pipelines.preprocessing.nodes import (
     NoUsableDataError,
     build_manifest,
@@ -304,7 +304,7 @@ def _forbid_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"decoded {args[0]} although nothing changed")
 
-    monkeypatch.setattr(nodes, "read_image", fail)
+    monkeypatch.setattr(worker_module, "read_image", fail)
 
 
 def test_second_run_processes_nothing(

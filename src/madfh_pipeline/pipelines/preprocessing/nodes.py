@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing as mp
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from madfh_pipeline.categories import LIGHTING_TOKENS, SPLITS, CategorySpec
 from madfh_pipeline.datasets.image_store import ImageStore
-from madfh_pipeline.imaging import Geometry, ImageReadError, convert_channels, image_channels, read_image
+from madfh_pipeline.workers import process_image, process_pool
 
 logger = logging.getLogger(__name__)
 
@@ -91,52 +88,6 @@ def _content_hash(path: str) -> str:
     return digest.hexdigest()
 
 
-def _process_one(task: dict[str, Any]) -> dict[str, Any]:
-    """Decode, validate, resize and write one image (and its mask). Runs in a worker process.
-
-    Returns the facts for the manifest; a problem is reported in ``problem`` rather than raised, so one bad file
-    never stops the category.
-    """
-    result: dict[str, Any] = {"relpath": task["relpath"], "problem": "", "status": "processed"}
-    try:
-        image = read_image(task["path"])
-    except (ImageReadError, FileNotFoundError) as exc:
-        return result | {"problem": str(exc), "status": "skipped"}
-    height, width = image.shape[:2]
-    result |= {"src_width": width, "src_height": height, "src_channels": image_channels(image)}
-    if task["check_size"] and (width, height) != (task["width"], task["height"]):
-        problem = f"size {width}x{height} does not match the category's {task['width']}x{task['height']}"
-        return result | {"problem": problem, "status": "skipped"}
-    mask = None
-    if task["mask_path"]:
-        try:
-            mask = read_image(task["mask_path"], channels=1)
-        except (ImageReadError, FileNotFoundError) as exc:
-            return result | {"problem": f"unreadable mask: {exc}", "status": "skipped"}
-        if mask.shape != (height, width):
-            problem = f"mask {task['mask_relpath']} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}"
-            return result | {"problem": problem, "status": "skipped"}
-        values = np.unique(mask)
-        if not set(values.tolist()) <= {0, 255} and not set(values.tolist()) <= {0, 1}:
-            problem = f"mask {task['mask_relpath']} is not binary ({len(values)} distinct values)"
-            return result | {"problem": problem, "status": "skipped"}
-        result["mask_pixels"] = int(np.count_nonzero(mask))
-        if result["mask_pixels"] == 0:
-            logger.warning("Mask '%s' is empty although the image is in bad/.", task["mask_relpath"])
-    geometry = Geometry.plan(width, height, task["target_width"], task["target_height"], task["mode"])
-    image = convert_channels(image, task["channels"])
-    store = ImageStore(task["store_root"], task["compression"])
-    store.write(task["relpath"], geometry.apply(image))
-    if mask is not None:
-        store.write(task["mask_relpath"], geometry.apply(mask, is_mask=True))
-    return result | geometry.to_dict()
-
-
-def _init_worker() -> None:
-    # One OpenCV thread per process: the pool already uses every core, more threads only contend.
-    cv2.setNumThreads(1)
-
-
 def _run_tasks(tasks: list[dict[str, Any]], workers: int, label: str) -> list[dict[str, Any]]:
     if not tasks:
         return []
@@ -144,13 +95,11 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, label: str) -> list[di
     results: list[dict[str, Any]] = []
     if workers <= 1:
         for task in tasks:
-            results.append(_process_one(task))
+            results.append(process_image(task))
             progress.update()
     else:
-        # spawn, not fork: the parent has torch and its thread pools loaded, which fork can deadlock.
-        context = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
-            for result in pool.map(_process_one, tasks, chunksize=1):
+        with process_pool(workers) as pool:
+            for result in pool.map(process_image, tasks, chunksize=1):
                 results.append(result)
                 progress.update()
     progress.close()
