@@ -54,7 +54,7 @@ _MIN_DELTA = 4.0 / 255.0
 # Sensor noise, in grey levels (1 sigma).
 _NOISE_SIGMA = 1.2
 _MIN_DEFECT_PX = 3.0
-_TINY_DEFECT_SHARE = 0.2
+_TINY_DEFECT_SHARE = 0.1
 
 _F32 = np.float32
 
@@ -857,8 +857,8 @@ def _pick_centre(fg: np.ndarray, rng: np.random.Generator) -> tuple[int, int]:
 
 def _defect_size(rng: np.random.Generator, max_px: float, object_px: float) -> float:
     """Defect size in pixels: one defect in five is log-uniform down to a few pixels (the hard, tiny ones); the rest
-    span a tenth of an object up to ``max_px``, so the demo stays hard but a good detector can reach high AUROC."""
-    low = _MIN_DEFECT_PX if rng.random() < _TINY_DEFECT_SHARE else max(_MIN_DEFECT_PX, 0.1 * object_px)
+    span 0.3 of an object up to ``max_px``, so the demo stays hard but a good detector can reach high AUROC."""
+    low = _MIN_DEFECT_PX if rng.random() < _TINY_DEFECT_SHARE else max(_MIN_DEFECT_PX, 0.3 * object_px)
     return math.exp(rng.uniform(math.log(low), math.log(max(max_px, low * 1.01))))
 
 
