@@ -22,7 +22,7 @@ from madfh_pipeline.imaging import Geometry, ImageReadError, convert_channels, i
 logger = logging.getLogger(__name__)
 
 
-def _write(path: Path, array: np.ndarray, compression: int) -> None:
+def _write(path: Path, array: np.ndarray, compression: int | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_png(path, array, compression)
 
@@ -73,7 +73,7 @@ def init_worker() -> None:
     cv2.setNumThreads(1)
 
 
-def write_bundle(root: Path, bundle: Mapping[str, np.ndarray], compression: int = 3) -> None:
+def write_bundle(root: Path, bundle: Mapping[str, np.ndarray], compression: int | None = None) -> None:
     """Write ``{relative path: array}`` below ``root`` as PNGs."""
     for rel, array in bundle.items():
         _write(root / rel, array, compression)
