@@ -95,32 +95,6 @@ class SceneSpec:
         )
 
 
-# Native sizes and channels of the eight MVTec AD 2 categories (DESIGN.md §1).
-NATIVE_SPECS: dict[str, SceneSpec] = {
-    "wallplugs": SceneSpec("wallplugs", 2448, 2048, 1),
-    "sheet_metal": SceneSpec("sheet_metal", 4224, 1056, 1),
-    "walnuts": SceneSpec("walnuts", 2448, 2048, 3),
-    "fruit_jelly": SceneSpec("fruit_jelly", 2100, 1520, 3),
-    "can": SceneSpec("can", 2232, 1024, 3),
-    "fabric": SceneSpec("fabric", 2448, 2048, 3),
-    "rice": SceneSpec("rice", 2448, 2048, 3),
-    "vial": SceneSpec("vial", 1400, 1900, 1),
-}
-
-
-def spec_for(
-    category: str, width: int | None = None, height: int | None = None, channels: int | None = None
-) -> SceneSpec:
-    """The native spec of an MVTec AD 2 category, or a generic one for a user's own category.
-
-    Explicit arguments override the native values, so a user category only needs its size and channels.
-    """
-    native = NATIVE_SPECS.get(category)
-    if native is None:
-        return SceneSpec(category, width or 1024, height or 1024, channels or 3)
-    return SceneSpec(category, width or native.width, height or native.height, channels or native.channels)
-
-
 @dataclass(frozen=True)
 class DemoItem:
     """One file (plus its mask, for ``test_public/bad``) of the planned data set.

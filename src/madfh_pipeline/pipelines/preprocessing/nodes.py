@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from madfh_pipeline.categories import LIGHTING_TOKENS, SPLITS, CategorySpec
 from madfh_pipeline.datasets.image_store import ImageStore
+from madfh_pipeline.imaging import GEOMETRY_COLUMNS
 from madfh_pipeline.workers import process_image, process_pool
 
 logger = logging.getLogger(__name__)
@@ -308,18 +309,9 @@ def build_manifest(processed: pd.DataFrame, report: dict[str, Any], splits: dict
         "has_mask",
         "mask_relpath",
         "path",
-        "src_width",
-        "src_height",
-        "dst_width",
-        "dst_height",
-        "scale_x",
-        "scale_y",
-        "pad_x",
-        "pad_y",
+        *GEOMETRY_COLUMNS,
     ]
     manifest = manifest[columns].reset_index(drop=True)
-    for col in ("src_width", "src_height", "dst_width", "dst_height", "pad_x", "pad_y"):
-        manifest[col] = manifest[col].astype("int64")
-    for col in ("scale_x", "scale_y"):
-        manifest[col] = manifest[col].astype("float64")
+    for col in GEOMETRY_COLUMNS:
+        manifest[col] = manifest[col].astype("float64" if col.startswith("scale") else "int64")
     return manifest
