@@ -352,6 +352,13 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's runtime batch_size")
     parser.add_argument("--cache", type=Path, default=None, help="keep the rendered PNGs here (re-used next run)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="DETECTOR.KEY=VALUE",
+        help="override a pipeline config value (YAML value), e.g. patchcore.embed_dim=null; repeatable",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS)
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "inference.json")
@@ -362,6 +369,12 @@ def main() -> None:
 
     device = str(resolve_device(args.device))
     models, runtime = load_pipeline(args.params)
+    for override in args.set:
+        target, sep, value = override.partition("=")
+        detector_key, _, config_key = target.partition(".")
+        if not sep or detector_key not in models or not config_key:
+            raise SystemExit(f"--set expects DETECTOR.KEY=VALUE with DETECTOR in {sorted(models)}, got '{override}'.")
+        models[detector_key]["config"][config_key] = yaml.safe_load(value)
     batch_size = int(args.batch_size or runtime.get("batch_size", 4))
     pixel_k = float(yaml.safe_load(args.params.read_text())["detection"].get("thresholds", {}).get("pixel_k", 3.0))
 
