@@ -6,7 +6,7 @@ Generates N native-resolution wallplugs-like images (2448×2048 gray PNG), then 
   3. the same nodes again over the unchanged files (incremental skip),
 and prints images/s of each and their ratios. Machines are noisy, so each timing is the best of ``--rounds``.
 
-    python bench/preprocess.py --images 160 --rounds 2
+    python bench/preprocess.py --images 160 --rounds 3
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def pipeline_run(root: Path, store_root: Path, fresh: bool) -> tuple[float, dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=160)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("bench/results/preprocess.json"))
     args = parser.parse_args()

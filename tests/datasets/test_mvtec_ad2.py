@@ -14,14 +14,17 @@ from madfh_pipeline.datasets.mvtec_ad2 import MANIFEST_COLUMNS
 from madfh_pipeline.imaging import read_image
 
 
-def _render(rel: str, value: int, mask_rel: str | None = None) -> dict[str, np.ndarray]:
-    """A bundle renderer, module level so that it pickles into worker processes."""
+def _render(rel: str, value: int, mask_rel: str | None = None) -> Callable[[], dict[str, np.ndarray]]:
+    """A bundle renderer that unpickles in a worker process.
+
+    Built from ``dict`` (a builtin) rather than a function of this module: workers cannot import test modules.
+    """
     out = {rel: np.full((8, 10), value, np.uint8)}
     if mask_rel:
         mask = np.zeros((8, 10), np.uint8)
         mask[2:4, 3:6] = 255
         out[mask_rel] = mask
-    return out
+    return functools.partial(dict, out)
 
 
 def test_manifest_rows_and_columns(tmp_path: Path, make_mvtec_tree: Callable[..., Path]) -> None:
@@ -159,10 +162,10 @@ def test_save_writes_arrays_in_the_layout(tmp_path: Path) -> None:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_save_renders_callable_bundles(tmp_path: Path, workers: int) -> None:
     bundles = {
-        "train/good/000_regular.png": functools.partial(_render, "train/good/000_regular.png", 10),
-        "train/good/001_regular.png": functools.partial(_render, "train/good/001_regular.png", 20),
-        "test_public/bad/000_shift_1.png": functools.partial(
-            _render, "test_public/bad/000_shift_1.png", 30, "test_public/ground_truth/bad/000_shift_1_mask.png"
+        "train/good/000_regular.png": _render("train/good/000_regular.png", 10),
+        "train/good/001_regular.png": _render("train/good/001_regular.png", 20),
+        "test_public/bad/000_shift_1.png": _render(
+            "test_public/bad/000_shift_1.png", 30, "test_public/ground_truth/bad/000_shift_1_mask.png"
         ),
     }
     MVTecAD2Dataset(path=str(tmp_path), category="widget", workers=workers).save(bundles)
