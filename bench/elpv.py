@@ -61,6 +61,9 @@ SWEEP: tuple[str, ...] = (
     "layers_b3_b4;layers=[blocks.3, blocks.4]",
     "layers_b4_b5;layers=[blocks.4, blocks.5]",
     "nn1;num_neighbors=1",
+    "layers_b4_b6;layers=[blocks.4, blocks.6]",
+    "b4_b5_bank8192;layers=[blocks.4, blocks.5];max_bank_size=8192;coreset_ratio=0.05",
+    "b4_b5_full_bank8192;layers=[blocks.4, blocks.5];embed_dim=null;max_bank_size=8192;coreset_ratio=0.05",
 )
 
 
@@ -74,6 +77,34 @@ class Split:
     test_labels: np.ndarray  # 1 = defective
     test_types: np.ndarray
     test_probs: np.ndarray
+
+
+def subset(split: Split, index: np.ndarray) -> Split:
+    """The same training set with only the test images at ``index`` (the selection or the report part)."""
+    return Split(
+        split.train,
+        split.train_types,
+        split.test[index],
+        split.test_labels[index],
+        split.test_types[index],
+        split.test_probs[index],
+    )
+
+
+def selection_index(split: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test positions for choosing a configuration and for reporting it, stratified by label, type and probability.
+
+    A PatchCore variant chosen on the images it is then reported on would flatter it; choosing on one part and
+    reporting on the other keeps the reported AUROC an honest estimate.
+    """
+    rng = np.random.default_rng(seed + 10_007)
+    select: list[np.ndarray] = []
+    strata = np.char.add(np.char.add(split.test_labels.astype(str), split.test_types), split.test_probs.astype(str))
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        select.append(rng.choice(members, size=int(round(fraction * len(members))), replace=False))
+    chosen = np.sort(np.concatenate(select))
+    return chosen, np.setdiff1d(np.arange(len(split.test_labels)), chosen)
 
 
 def make_split(
@@ -211,6 +242,7 @@ def run_detector(
         "infer_images_per_s": round(len(test) / infer_seconds, 2),
         "score_mean_normal": float(scores_arr[split.test_labels == 0].mean()),
         "score_mean_defective": float(scores_arr[split.test_labels == 1].mean()),
+        "scores": scores_arr,  # used for the selection / report parts; not written to the JSON
     }
     if "loss" in history:
         result["train_loss_per_epoch"] = [round(float(v), 6) for v in history["loss"]]
@@ -248,11 +280,16 @@ def git_revision() -> str:
 def build_result(
     args: argparse.Namespace, counts: dict[str, int], changes: dict[str, Any], runs: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """The JSON report: summary rows, the PatchCore − AE margin against the 0.10 target, and every run in full."""
+    """The JSON report: summary rows, the PatchCore − AE margin against the 0.10 target, and every run in full.
+
+    With a selection part, the PatchCore variant with the best selection AUROC is the one compared with the AE, and
+    every AUROC in ``auroc`` is measured on the report part only.
+    """
     summary = [
         {
             "detector": r["detector"],
             "variant": r["variant"],
+            **({"auroc_selection": r["auroc_selection"]["all"]} if "auroc_selection" in r else {}),
             **{f"auroc_{k}": v for k, v in r["auroc"].items()},
             "fit_s": r["fit_seconds"],
             "infer_img_s": r["infer_images_per_s"],
@@ -260,9 +297,18 @@ def build_result(
         for r in runs
     ]
     by_name = {(r["detector"], r["variant"]): r["auroc"]["all"] for r in runs}
+    autoencoder = by_name.get(("autoencoder", "pipeline"))
     margin = None
-    if ("patchcore", "pipeline") in by_name and ("autoencoder", "pipeline") in by_name:
-        margin = round(by_name[("patchcore", "pipeline")] - by_name[("autoencoder", "pipeline")], 4)
+    if ("patchcore", "pipeline") in by_name and autoencoder is not None:
+        margin = round(by_name[("patchcore", "pipeline")] - autoencoder, 4)
+    selected, selected_margin = None, None
+    candidates = [r for r in runs if r["detector"] == "patchcore" and "auroc_selection" in r]
+    if candidates:
+        best = max(candidates, key=lambda r: r["auroc_selection"]["all"])
+        selected = best["variant"]
+        if autoencoder is not None:
+            selected_margin = round(best["auroc"]["all"] - autoencoder, 4)
+    judged = selected_margin if selected is not None else margin
     return {
         "benchmark": "elpv",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -273,10 +319,12 @@ def build_result(
         "split": counts,
         "changes_from_pipeline_configs": changes,
         "patchcore_minus_autoencoder_auroc": margin,
+        "selected_patchcore_variant": selected,
+        "selected_minus_autoencoder_auroc": selected_margin,
         "target_margin": 0.10,
-        "target_met": None if margin is None else margin >= 0.10,
+        "target_met": None if judged is None else judged >= 0.10,
         "summary": summary,
-        "runs": runs,
+        "runs": [{k: v for k, v in r.items() if k != "scores"} for r in runs],
     }
 
 
@@ -292,6 +340,12 @@ def main() -> None:
     parser.add_argument("--ae-sigma", type=float, default=None, help="AE map smoothing; default: pipeline value")
     parser.add_argument("--pc-variant", action="append", default=[], help='"name;key=value;..." PatchCore overrides')
     parser.add_argument("--sweep", action="store_true", help="also run the built-in PatchCore variants (SWEEP)")
+    parser.add_argument(
+        "--select-fraction",
+        type=float,
+        default=0.0,
+        help="choose the PatchCore variant on this fraction of the test images and report on the rest (0: off)",
+    )
     parser.add_argument("--batch-size", type=int, default=None, help="default: the pipeline's runtime batch_size")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--seed", type=int, default=0)
@@ -318,7 +372,18 @@ def main() -> None:
         "test_mono": int((split.test_types == "mono").sum()),
         "test_poly": int((split.test_types == "poly").sum()),
     }
+    if not 0.0 <= args.select_fraction < 1.0:
+        raise SystemExit(f"--select-fraction must be in [0, 1), got {args.select_fraction}.")
+    select_idx, report_idx = selection_index(split, args.select_fraction, args.seed)
+    if args.select_fraction > 0:
+        counts |= {"selection_images": len(select_idx), "report_images": len(report_idx)}
     logger.info("ELPV split (seed %d, %d² input): %s", args.seed, args.size, counts)
+
+    def score_parts(run: dict[str, Any]) -> None:
+        """AUROC on the selection part and, in place of the whole test set, on the report part."""
+        if args.select_fraction > 0:
+            run["auroc_selection"] = auroc_breakdown(subset(split, select_idx), run["scores"][select_idx])
+            run["auroc"] = auroc_breakdown(subset(split, report_idx), run["scores"][report_idx])
 
     changes = {
         "autoencoder": {
@@ -341,6 +406,7 @@ def main() -> None:
         entry = configs[key]
         run = run_detector(entry["name"], entry["config"], split, train, test, batch_size, args.device)
         run["variant"] = "pipeline"
+        score_parts(run)
         runs.append(run)
         save()
 
@@ -351,6 +417,7 @@ def main() -> None:
         logger.info("PatchCore variant '%s': %s", name, overrides)
         run = run_detector(configs["patchcore"]["name"], config, split, train, test, batch_size, args.device)
         run["variant"], run["overrides"] = name, overrides
+        score_parts(run)
         runs.append(run)
         save()
 
@@ -359,9 +426,15 @@ def main() -> None:
         logger.info("%s", json.dumps(row))
     margin = result["patchcore_minus_autoencoder_auroc"]
     if margin is not None:
+        logger.info("PatchCore (pipeline config) − AE image AUROC: %+.4f", margin)
+    if result["selected_minus_autoencoder_auroc"] is not None:
         logger.info(
-            "PatchCore − AE image AUROC: %+.4f (target ≥ +0.10: %s)", margin, "met" if margin >= 0.1 else "MISSED"
+            "PatchCore (variant '%s', chosen on the selection part) − AE, report part: %+.4f",
+            result["selected_patchcore_variant"],
+            result["selected_minus_autoencoder_auroc"],
         )
+    if result["target_met"] is not None:
+        logger.info("Target PatchCore ≥ AE + 0.10: %s", "met" if result["target_met"] else "MISSED")
     logger.info("Results written to %s", args.output)
 
 

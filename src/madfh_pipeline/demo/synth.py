@@ -822,10 +822,11 @@ def _defect_discoloration(
     m = np.zeros(roi.fg.shape, np.uint8)
     cv2.fillPoly(m, [_blob_polygon(rng, (roi.cx, roi.cy), (s / 2, s / 2 * rng.uniform(0.5, 1.0)), 0.3)], 1)
     m = (m > 0) & roi.fg
-    a = _soft_profile(m, max(1.0, s / 8.0))[:, :, None]
+    # A stain has an edge: a profile as wide as the blob would be a shading gradient, which normal parts show too.
+    a = _soft_profile(m, max(1.0, s / 20.0))[:, :, None]
     c = roi.img.shape[2]
     if c == 1:
-        gain = np.array([rng.choice([rng.uniform(0.5, 0.7), rng.uniform(1.3, 1.5)])], _F32)
+        gain = np.array([rng.choice([rng.uniform(0.45, 0.65), rng.uniform(1.35, 1.6)])], _F32)
     else:
         gain = (1.0 + rng.normal(0.0, 0.25, 3)) * rng.uniform(0.75, 1.05)
         if np.abs(gain - 1.0).max() < 0.2:
