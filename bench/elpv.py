@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 import torch
 import yaml
+from common import ROOT, git_revision  # bench/common.py (the script directory is on sys.path)
 
 from madfh_pipeline.metrics import image_auroc
 from madfh_pipeline.models.base import build_detector, resolve_device
@@ -45,7 +46,6 @@ from madfh_pipeline.streaming import to_tensor
 
 logger = logging.getLogger("bench.elpv")
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = ROOT / "conf" / "base" / "parameters_detection.yml"
 DEFECT_MIN_PROB = 0.67
 
@@ -259,22 +259,6 @@ def run_detector(
         result["infer_images_per_s"],
     )
     return result
-
-
-def git_revision() -> str:
-    """Commit of the code measured (``+dirty`` when the tree has changes), so a number can be traced to its code."""
-    import subprocess
-
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src", "conf"], cwd=ROOT, capture_output=True, text=True, check=False
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def build_result(

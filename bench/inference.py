@@ -36,10 +36,10 @@ from typing import Any
 import cv2
 import numpy as np
 import yaml
+from common import ROOT, git_revision  # bench/common.py (the script directory is on sys.path)
 
 logger = logging.getLogger("bench.inference")
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = ROOT / "conf" / "base" / "parameters_detection.yml"
 SIDE = 1024
 GIB = 1024**3
@@ -325,22 +325,6 @@ def in_child(fn_name: str, **kwargs: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def git_revision() -> str:
-    """Commit of the code measured (``+dirty`` when the tree has changes), so a number can be traced to its code."""
-    import subprocess
-
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "src", "conf"], cwd=ROOT, capture_output=True, text=True, check=False
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import cv2
+from common import git_revision  # bench/common.py (the script directory is on sys.path)
 
 from madfh_pipeline.categories import CategorySpec
 from madfh_pipeline.datasets import ImageStore, MVTecAD2Dataset
@@ -104,6 +105,7 @@ def main() -> None:
 
     n = len(paths)
     result = {
+        "git": git_revision(),
         "images": n,
         "size": f"{CATEGORY['width']}x{CATEGORY['height']} gray -> 1024x1024",
         "cores": os.cpu_count(),
