@@ -1031,7 +1031,8 @@ def render_pair(
     """A defective image, the same scene without defects, the 0/255 mask and the defect kinds.
 
     ``n_defects`` (default 1-3 at random), ``kinds`` (default: all of ``DEFECT_KINDS``) and ``size_px`` (default:
-    log-uniform from 3 px to 0.6 object sizes) pin the defects down for tests and illustrations.
+    log-uniform over 0.3-0.6 object sizes, extra defects sometimes down to 3 px) pin the defects down for tests and
+    illustrations.
     """
     scene_rng, defect_rng, light_rng, noise_rng = _child_rngs(rng, 4)
     scene = _render_scene(spec, scene_rng)
