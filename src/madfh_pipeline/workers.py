@@ -108,6 +108,8 @@ class LeanProcessPool(ProcessPoolExecutor):
     """A process pool whose workers start without the parent's ``__main__`` (see :func:`_anonymous_main`).
 
     Workers start inside ``submit`` (forkserver pools grow on demand), so that is where the main module is hidden.
+    The swap lasts for the submit call only; another thread that pickles an object defined in ``__main__`` in that
+    instant would not find it (Kedro's runners do not: nodes and datasets live in importable modules).
     """
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
