@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 #: The project root (bench/ lives directly below it).
 ROOT = Path(__file__).resolve().parents[1]
+#: The detection parameters the benchmarks measure, unless ``--params`` names another file.
+DEFAULT_PARAMS = ROOT / "conf" / "base" / "parameters_detection.yml"
 
 
 def git_revision() -> str:
@@ -21,3 +26,18 @@ def git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def load_detection_params(path: Path) -> dict[str, Any]:
+    """The ``detection`` parameters as the pipeline reads them; each ``models`` entry as ``{name, config}`` copies.
+
+    Benchmarks change configs for their own data; copies keep those changes out of the loaded file's structure.
+    """
+    detection = dict(yaml.safe_load(path.read_text())["detection"])
+    detection["models"] = {
+        key: {"name": entry["name"], "config": dict(entry.get("config") or {})}
+        for key, entry in detection["models"].items()
+    }
+    detection["runtime"] = dict(detection.get("runtime") or {})
+    detection["thresholds"] = dict(detection.get("thresholds") or {})
+    return detection

@@ -38,7 +38,12 @@ import cv2
 import numpy as np
 import torch
 import yaml
-from common import ROOT, git_revision  # bench/common.py (the script directory is on sys.path)
+from common import (  # bench/common.py (the script directory is on sys.path)
+    DEFAULT_PARAMS,
+    ROOT,
+    git_revision,
+    load_detection_params,
+)
 
 from madfh_pipeline.metrics import image_auroc
 from madfh_pipeline.models.base import build_detector, resolve_device
@@ -46,7 +51,6 @@ from madfh_pipeline.streaming import to_tensor
 
 logger = logging.getLogger("bench.elpv")
 
-DEFAULT_PARAMS = ROOT / "conf" / "base" / "parameters_detection.yml"
 DEFECT_MIN_PROB = 0.67
 
 #: PatchCore variants tried by ``--sweep`` (config keys only; ``src/`` is untouched). Each is "name;key=value;...",
@@ -154,12 +158,6 @@ def resize_all(images: np.ndarray, size: int) -> np.ndarray:
     shrink = size < images.shape[1]
     interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     return np.stack([cv2.resize(img, (size, size), interpolation=interpolation) for img in images])
-
-
-def load_pipeline_configs(path: Path) -> dict[str, dict[str, Any]]:
-    """``{detector name: config}`` exactly as the detection pipeline reads them."""
-    params = yaml.safe_load(path.read_text())["detection"]["models"]
-    return {key: {"name": entry["name"], "config": dict(entry.get("config") or {})} for key, entry in params.items()}
 
 
 def adapt_configs(
@@ -338,9 +336,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
-    runtime = yaml.safe_load(args.params.read_text())["detection"].get("runtime", {})
-    batch_size = int(args.batch_size or runtime.get("batch_size", 4))
-    pipeline_configs = load_pipeline_configs(args.params)
+    detection = load_detection_params(args.params)
+    batch_size = int(args.batch_size or detection["runtime"].get("batch_size", 4))
+    pipeline_configs = detection["models"]
     configs = adapt_configs(pipeline_configs, args.size, args.ae_depth, args.ae_epochs, args.ae_sigma)
 
     split = make_split(args.seed, args.train, args.max_test_normal, args.max_test_defective)

@@ -36,11 +36,15 @@ from typing import Any
 import cv2
 import numpy as np
 import yaml
-from common import ROOT, git_revision  # bench/common.py (the script directory is on sys.path)
+from common import (  # bench/common.py (the script directory is on sys.path)
+    DEFAULT_PARAMS,
+    ROOT,
+    git_revision,
+    load_detection_params,
+)
 
 logger = logging.getLogger("bench.inference")
 
-DEFAULT_PARAMS = ROOT / "conf" / "base" / "parameters_detection.yml"
 SIDE = 1024
 GIB = 1024**3
 TARGETS = {"inference_ratio_min": 0.70, "fit_ratio_max": 2.0, "peak_memory_gib_max": 8.0}
@@ -70,13 +74,6 @@ def make_images(root: Path, n_train: int, n_test: int, seed: int) -> tuple[list[
     logger.info("Images ready in %s (%d rendered, %.1f s).", root, rendered, time.perf_counter() - started)
     keys = [key for _, _, key in jobs]
     return keys[:n_train], keys[n_train:]
-
-
-def load_pipeline(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Detector entries and runtime settings exactly as the detection pipeline reads them."""
-    detection = yaml.safe_load(path.read_text())["detection"]
-    models = {key: {"name": e["name"], "config": dict(e.get("config") or {})} for key, e in detection["models"].items()}
-    return models, dict(detection.get("runtime", {}))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -352,7 +349,8 @@ def main() -> None:
     from madfh_pipeline.models.base import resolve_device
 
     device = str(resolve_device(args.device))
-    models, runtime = load_pipeline(args.params)
+    detection = load_detection_params(args.params)
+    models, runtime = detection["models"], detection["runtime"]
     for override in args.set:
         target, sep, value = override.partition("=")
         detector_key, _, config_key = target.partition(".")
@@ -360,7 +358,7 @@ def main() -> None:
             raise SystemExit(f"--set expects DETECTOR.KEY=VALUE with DETECTOR in {sorted(models)}, got '{override}'.")
         models[detector_key]["config"][config_key] = yaml.safe_load(value)
     batch_size = int(args.batch_size or runtime.get("batch_size", 4))
-    pixel_k = float(yaml.safe_load(args.params.read_text())["detection"].get("thresholds", {}).get("pixel_k", 3.0))
+    pixel_k = float(detection["thresholds"].get("pixel_k", 3.0))
 
     detectors: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_inf_") as tmp:
