@@ -47,8 +47,8 @@ class CategorySpec:
     width: int
     height: int
     channels: int
-    counts: dict[str, int] = field(default_factory=dict)
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    detection: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     pipeline: bool = True
 

@@ -1,60 +1,121 @@
 """Project pipelines: one namespaced pipeline per category, built from the stage templates, plus stage pipelines.
 
-Categories come from the ``categories:`` parameters (conf/base, overridden by conf/local or the env named in
-``KEDRO_ENV``), so a new folder in the MVTec AD 2 layout becomes ``kedro run --pipeline=<name>`` without code.
+Categories and detectors are data: the ``categories:`` and ``detection:`` parameters of the run decide which
+pipelines exist, so a new folder in the MVTec AD 2 layout becomes ``kedro run --pipeline=<name>`` without code.
+
+Which parameters: the ones the run itself uses. :class:`madfh_pipeline.context.ProjectContext` hands the session's
+parameters (base + the env given by ``--env`` + ``--params``) to :func:`use_parameters` as soon as the session
+creates its context, before Kedro reads the pipelines; a category defined only in ``conf/demo`` or a detector added by
+``--params`` therefore has its pipeline. Without a session (``kedro registry list``) the registry loads
+``KEDRO_ENV`` (default ``local``) through the project's own config loader.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
-import yaml
+from kedro.framework.project import pipelines as project_pipelines
 from kedro.framework.project import settings
 from kedro.pipeline import Pipeline, pipeline
 from kedro.utils import find_kedro_project
 
 from madfh_pipeline.categories import pipeline_categories
-from madfh_pipeline.pipelines import demo_data, detection, evaluation, preprocessing
+from madfh_pipeline.pipelines import demo_data, detection, evaluation, explainer, preprocessing, vlm_features
+
+logger = logging.getLogger(__name__)
+
+#: The parameters the registry builds from, with the project and env they came from (set by the context).
+_ACTIVE: dict[str, Any] = {}
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = (
-            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        )
-    return merged
+def use_parameters(parameters: dict[str, Any], project_path: Path, env: str | None) -> None:
+    """Build the pipelines from these parameters (called by the project's context for every session).
 
-
-def configured_parameters(key: str, project_path: Path | None = None, env: str | None = None) -> Any:
-    """Read one top-level parameter the way a run will: base, soft-merged with ``env`` (``KEDRO_ENV`` or ``local``).
-
-    Plain YAML on purpose: building an ``OmegaConfigLoader`` here would re-register the process-wide ``globals``
-    resolver for this env and silently change how the run's own catalog resolves ``${globals:...}``.
+    When they differ from what the registry last built from, Kedro's lazily loaded pipelines are invalidated so the
+    next access rebuilds them.
     """
-    project_path = project_path or find_kedro_project(Path.cwd()) or Path.cwd()
+    relevant = _relevant(parameters)
+    changed = _ACTIVE.get("relevant") != relevant or _ACTIVE.get("project") != Path(project_path)
+    _ACTIVE.update(parameters=parameters, relevant=relevant, project=Path(project_path), env=env)
+    if changed:
+        project_pipelines.configure(f"{__package__}.pipeline_registry")
+
+
+def _relevant(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The part of the parameters that decides which pipelines exist."""
+    detection_params = parameters.get("detection") or {}
+    return copy.deepcopy(
+        {
+            "categories": parameters.get("categories") or {},
+            "detectors": detection_params.get("detectors") or [],
+            "models": {
+                k: ((v or {}).get("enabled", True), (v or {}).get("features") or [])
+                for k, v in (detection_params.get("models") or {}).items()
+            },
+            "vlm": vlm_enabled(parameters),
+            "learned_explainer": learned_explainer_enabled(parameters),
+        }
+    )
+
+
+def learned_explainer_enabled(parameters: dict[str, Any]) -> bool:
+    """Whether the BLIP + LoRA explainer is trained (else explanations come from the grounded describer alone)."""
+    return bool(((parameters.get("explainer") or {}).get("learned") or {}).get("enabled", False))
+
+
+def vlm_enabled(parameters: dict[str, Any]) -> bool:
+    """Whether the MiniCPM-V branch (feature stage + the detectors that read it) is part of the pipelines."""
+    return bool((parameters.get("vlm") or {}).get("enabled", False))
+
+
+def _load_parameters(project_path: Path, env: str | None) -> dict[str, Any]:
+    """Parameters through the project's config loader (only used when no session gave them)."""
     conf_source = Path(settings.CONF_SOURCE)
     if not conf_source.is_absolute():
         conf_source = project_path / conf_source
-    value: Any = None
-    for env_name in ("base", env or os.environ.get("KEDRO_ENV", "local")):
-        for path in sorted((conf_source / env_name).glob("parameters*.yml")):
-            content = (yaml.safe_load(path.read_text()) or {}).get(key)
-            if content is None:
-                continue
-            value = _merge(value, content) if isinstance(value, dict) and isinstance(content, dict) else content
-    return value
+    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(conf_source), env=env, **settings.CONFIG_LOADER_ARGS)
+    return dict(loader["parameters"])
+
+
+def configured_parameters(project_path: Path | None = None, env: str | None = None) -> dict[str, Any]:
+    """The parameters pipelines are built from: the session's, else loaded for ``env`` (``KEDRO_ENV`` / local)."""
+    project_path = Path(project_path or find_kedro_project(Path.cwd()) or Path.cwd())
+    if _ACTIVE.get("project") == project_path and (env is None or env == _ACTIVE.get("env")):
+        return dict(_ACTIVE["parameters"])
+    return _load_parameters(project_path, env or os.environ.get("KEDRO_ENV") or "local")
 
 
 def configured_categories(project_path: Path | None = None, env: str | None = None) -> dict[str, Any]:
-    return dict(configured_parameters("categories", project_path, env) or {})
+    return dict(configured_parameters(project_path, env).get("categories") or {})
 
 
-def configured_detectors(project_path: Path | None = None, env: str | None = None) -> list[str]:
-    detection = configured_parameters("detection", project_path, env) or {}
-    return list(detection.get("detectors") or [])
+def detector_features(parameters: dict[str, Any], detector: str) -> list[str]:
+    models = (parameters.get("detection") or {}).get("models") or {}
+    return list((models.get(detector) or {}).get("features") or [])
+
+
+def configured_detectors(parameters: dict[str, Any]) -> list[str]:
+    """Detectors listed in ``detection.detectors`` whose entry is not ``enabled: false``.
+
+    With the VLM branch disabled, detectors that read ``vlm_features`` are left out (the run says so).
+    """
+    detection_params = parameters.get("detection") or {}
+    models = detection_params.get("models") or {}
+    names = list(detection_params.get("detectors") or [])
+    unknown = [n for n in names if n not in models]
+    if unknown:
+        raise ValueError(
+            f"detection.detectors lists {unknown} without an entry under detection.models; known entries: "
+            f"{', '.join(sorted(models))}."
+        )
+    enabled = [n for n in names if (models[n] or {}).get("enabled", True)]
+    if not vlm_enabled(parameters):
+        enabled = [n for n in enabled if "vlm_features" not in detector_features(parameters, n)]
+    return enabled
 
 
 def namespaced(template: Pipeline, category: str) -> Pipeline:
@@ -69,14 +130,22 @@ def namespaced(template: Pipeline, category: str) -> Pipeline:
     return pipeline(template, namespace=category, parameters=mapping, tags=[category])
 
 
+#: Category-level datasets that every detector of a category shares (not copied per detector).
+CATEGORY_LEVEL = {"manifest", "image_store", "raw_masks", "vlm_features", "explainer_model"}
+
+
 def per_detector(template: Pipeline, detector: str) -> Pipeline:
     """One copy of a model stage for ``detector``: datasets under ``<detector>.``, category-level inputs shared."""
-    category_level = {"manifest", "image_store"} & template.inputs()
+    category_level = CATEGORY_LEVEL & template.inputs()
     mapping = {
         "params:detector": f"params:detection.models.{detector}",
         "params:runtime": "params:detection.runtime",
         "params:thresholds": "params:detection.thresholds",
         "params:evaluation": "params:evaluation",
+        "params:category": "params:category",
+        "params:data_source": "params:data_source",
+        "params:vlm": "params:vlm",
+        "params:explainer": "params:explainer",
     }
     used = {name for n in template.nodes for name in n.inputs if name.startswith("params:")}
     return pipeline(
@@ -88,18 +157,26 @@ def per_detector(template: Pipeline, detector: str) -> Pipeline:
     )
 
 
-def register_pipelines() -> dict[str, Pipeline]:
-    """Register ``<category>`` for each category, the stage pipelines over all of them, and ``__default__``."""
-    categories = pipeline_categories(configured_categories())
-    detectors = configured_detectors()
-    model_stages = {"training": detection.create_pipeline(), "evaluation": evaluation.create_pipeline()}
-    stages = {
-        "preprocessing": preprocessing.create_pipeline(),
-        **{
-            name: sum((per_detector(template, det) for det in detectors), Pipeline([]))
-            for name, template in model_stages.items()
-        },
-    }
+def build_pipelines(parameters: dict[str, Any]) -> dict[str, Pipeline]:
+    """``<category>`` for each category, the stage pipelines over all of them, ``demo_data`` and ``__default__``."""
+    categories = pipeline_categories(parameters.get("categories"))
+    detectors = configured_detectors(parameters)
+    model_stages = {"training": detection.create_pipeline, "evaluation": evaluation.create_pipeline}
+    stages = {"preprocessing": preprocessing.create_pipeline()}
+    learned = learned_explainer_enabled(parameters)
+    if vlm_enabled(parameters):
+        stages["vlm_features"] = vlm_features.create_pipeline()
+    if learned:
+        stages["explainer"] = explainer.create_pipeline()
+    for name, make in model_stages.items():
+        options: dict[str, bool] = {"learned": learned} if name == "evaluation" else {}
+        stages[name] = sum(
+            (
+                per_detector(make(features="vlm_features" in detector_features(parameters, det), **options), det)
+                for det in detectors
+            ),
+            Pipeline([]),
+        )
     per_category = {cat: sum((namespaced(t, cat) for t in stages.values()), Pipeline([])) for cat in categories}
     pipelines: dict[str, Pipeline] = dict(per_category)
     for stage, template in stages.items():
@@ -107,3 +184,8 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipelines["demo_data"] = sum((namespaced(demo_data.create_pipeline(), cat) for cat in categories), Pipeline([]))
     pipelines["__default__"] = sum(per_category.values(), Pipeline([]))
     return pipelines
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    """Kedro's entry point: the pipelines of the run's parameters (see the module docstring)."""
+    return build_pipelines(configured_parameters())

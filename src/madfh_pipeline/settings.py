@@ -5,10 +5,14 @@ from pathlib import Path
 from kedro.config import OmegaConfigLoader
 from kedro.utils import find_kedro_project
 
+from madfh_pipeline.context import ProjectContext
 from madfh_pipeline.hooks import RunTagsHook
 
 # LIFO: kedro-mlflow's hook (registered after project hooks) starts the run first, then ours tags it.
 HOOKS = (RunTagsHook(),)
+
+# Hands the run's parameters (env + --params) to the pipeline registry; see madfh_pipeline.context.
+CONTEXT_CLASS = ProjectContext
 
 
 def project_root() -> str:

@@ -34,9 +34,10 @@ def process_image(task: dict[str, Any]) -> dict[str, Any]:
     """Decode, validate, resize and write one image (and its mask). Runs in a worker process.
 
     Returns the facts for the manifest; a problem is reported in ``problem`` rather than raised, so one bad file
-    never stops the category.
+    never stops the category. Warnings go back in ``messages`` for the parent to log: a worker process has no
+    logging handlers of its own, so its log records would reach stderr bare (no time, no level, not in info.log).
     """
-    result: dict[str, Any] = {"relpath": task["relpath"], "problem": "", "status": "processed"}
+    result: dict[str, Any] = {"relpath": task["relpath"], "problem": "", "status": "processed", "messages": []}
     try:
         image = read_image(task["path"])
     except (ImageReadError, FileNotFoundError) as exc:
@@ -61,7 +62,7 @@ def process_image(task: dict[str, Any]) -> dict[str, Any]:
             return result | {"problem": problem, "status": "skipped"}
         result["mask_pixels"] = int(np.count_nonzero(mask))
         if result["mask_pixels"] == 0:
-            logger.warning("Mask '%s' is empty although the image is in bad/.", task["mask_relpath"])
+            result["messages"].append(f"Mask '{task['mask_relpath']}' is empty although the image is in bad/.")
     geometry = Geometry.plan(width, height, task["target_width"], task["target_height"], task["mode"])
     image = convert_channels(image, task["channels"])
     root = Path(task["store_root"])

@@ -1,30 +1,41 @@
-"""Versioned Kedro dataset for a fitted detector (any registered :class:`AnomalyDetector`)."""
+"""Kedro datasets for fitted detectors: the versioned model file, and the cache of earlier versions a fit may reuse.
+
+Model files are safetensors + a JSON header (:mod:`madfh_pipeline.models.base`): they cannot execute code on load.
+"""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from kedro.io import AbstractVersionedDataset, Version
+from kedro.io import AbstractDataset, AbstractVersionedDataset, Version
 
-from madfh_pipeline.models.base import AnomalyDetector, load_detector, save_detector
+from madfh_pipeline import tracking
+from madfh_pipeline.models.base import AnomalyDetector, ModelFileError, load_detector, read_header, save_detector
+
+logger = logging.getLogger(__name__)
 
 
 class DetectorDataset(AbstractVersionedDataset[AnomalyDetector, AnomalyDetector]):
-    """Saves with :func:`save_detector` (class, config, state, thresholds), loads to ``device``.
+    """Saves with :func:`save_detector`, loads to ``device``; versioned so every run keeps the model it trained.
 
-    Versioned in the catalog so every training run keeps its model next to the MLflow run that produced it.
+    With ``category`` and ``detector`` set, a saved model is also logged to that detector's nested MLflow run
+    (folder ``model/``), so the run that produced a number holds the model that produced it.
     """
 
     def __init__(
         self,
         filepath: str,
         device: str = "cpu",
+        category: str | None = None,
+        detector: str | None = None,
         version: Version | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(filepath=PurePosixPath(filepath), version=version, exists_function=self._file_exists)
         self._device = device
+        self._category, self._detector = category, detector
         self.metadata = metadata
 
     @staticmethod
@@ -35,10 +46,72 @@ class DetectorDataset(AbstractVersionedDataset[AnomalyDetector, AnomalyDetector]
         return {"filepath": str(self._filepath), "version": self._version, "device": self._device}
 
     def _exists(self) -> bool:
-        return self._exists_function(str(self._get_load_path()))
+        try:
+            return self._exists_function(str(self._get_load_path()))
+        except Exception:  # no version saved yet
+            return False
 
     def load(self) -> AnomalyDetector:
         return load_detector(self._get_load_path(), device=self._device)
 
     def save(self, data: AnomalyDetector) -> None:
-        save_detector(data, self._get_save_path())
+        path = Path(self._get_save_path())
+        save_detector(data, path)
+        if self._category and self._detector:
+            tracking.log_artifact(self._category, self._detector, path, "model")
+
+
+class ModelCache:
+    """The saved versions of one detector, newest first, looked up by what they were trained on.
+
+    A fit node asks :meth:`find` for a model whose training fingerprint (effective config + the training images'
+    fingerprints) equals the one it is about to train; if there is one, retraining would reproduce it, so it is
+    reused and the run says so. Reading is by header only (no tensors) until a match is found.
+    """
+
+    def __init__(self, root: str | Path, device: str = "cpu") -> None:
+        self.root = Path(root)
+        self.device = device
+
+    def __repr__(self) -> str:
+        return f"ModelCache(root='{self.root}')"
+
+    def versions(self) -> list[Path]:
+        """Model files under ``root/<version>/<file name>``, newest version first (Kedro's sortable version names)."""
+        if not self.root.is_dir():
+            return []
+        files = [v / self.root.name for v in self.root.iterdir() if (v / self.root.name).is_file()]
+        return sorted(files, key=lambda p: p.parent.name, reverse=True)
+
+    def find(self, training_fingerprint: str) -> tuple[AnomalyDetector, str] | None:
+        """The newest saved model trained on exactly this fingerprint, with its version, or ``None``."""
+        for path in self.versions():
+            try:
+                header = read_header(path)
+            except ModelFileError as exc:
+                logger.info("Not reusing '%s': %s", path, exc)
+                continue
+            if (header.get("provenance") or {}).get("training_fingerprint") == training_fingerprint:
+                return load_detector(path, device=self.device), path.parent.name
+        return None
+
+
+class ModelCacheDataset(AbstractDataset[None, ModelCache]):
+    """Read-only view of a versioned model folder (the ``filepath`` of a :class:`DetectorDataset`)."""
+
+    def __init__(self, filepath: str, device: str = "cpu", metadata: dict[str, Any] | None = None) -> None:
+        self._root = Path(filepath)
+        self._device = device
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._root)}
+
+    def _exists(self) -> bool:
+        return True  # an empty cache is a valid cache
+
+    def load(self) -> ModelCache:
+        return ModelCache(self._root, self._device)
+
+    def save(self, data: None) -> None:
+        raise NotImplementedError("ModelCacheDataset is read-only: models are saved through DetectorDataset.")

@@ -10,22 +10,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from madfh_pipeline.categories import LIGHTING_TOKENS, SPLITS, CategorySpec
-from madfh_pipeline.datasets.image_store import ImageStore
+from madfh_pipeline.datasets.image_store import ImageStore, ImageWrites
 from madfh_pipeline.imaging import GEOMETRY_COLUMNS
-from madfh_pipeline.workers import process_image, process_pool
+from madfh_pipeline.workers import process_image
 
 logger = logging.getLogger(__name__)
-
-#: Columns that decide whether an earlier output can be reused for a source file.
-_FINGERPRINT_COLUMNS = ("bytes", "mtime_ns", "mask_bytes", "mask_mtime_ns", "content_hash", "settings")
 
 
 class NoUsableDataError(RuntimeError):
@@ -46,7 +41,8 @@ def validate_layout(raw_manifest: pd.DataFrame, category: dict[str, Any]) -> pd.
     """File-system checks that need no decoding: stray files, empty files, missing masks, unknown lighting.
 
     Returns the image rows with a ``problem`` column (empty when fine) plus one row per stray file, so the report can
-    name every file that will not be used.
+    name every file that will not be used. Lighting tokens outside MVTec AD 2's set (a user's own file names, or
+    none at all) are summarised once per split, not once per file.
     """
     spec = CategorySpec(**category)
     if raw_manifest.empty or not (raw_manifest["role"] == "image").any():
@@ -71,14 +67,40 @@ def validate_layout(raw_manifest: pd.DataFrame, category: dict[str, Any]) -> pd.
     frame.loc[images & (frame["bytes"] == 0), "problem"] = "empty file (0 bytes)"
     missing_mask = images & (frame["label"] == "bad") & ~frame["mask_exists"] & (frame["problem"] == "")
     frame.loc[missing_mask, "problem"] = "missing ground-truth mask " + frame.loc[missing_mask, "mask_relpath"]
-    unknown = images & (frame["split"] == "test_public") & ~frame["lighting"].isin(LIGHTING_TOKENS)
-    for rel, token in frame.loc[unknown, ["relpath", "lighting"]].itertuples(index=False):
-        logger.warning("'%s': lighting token '%s' is not one of %s; kept.", rel, token, ", ".join(LIGHTING_TOKENS))
+    _summarise_lighting(frame[images & (frame["split"] == "test_public")], spec.name)
     for rel, problem in frame.loc[frame["problem"] != "", ["relpath", "problem"]].itertuples(index=False):
         logger.warning("[%s] skipping '%s': %s", spec.name, rel, problem)
     # Masks that belong to an image travel with that image's row; only problem masks stay as rows of their own.
     keep = images | (frame["problem"] != "")
     return frame[keep].reset_index(drop=True)
+
+
+def _summarise_lighting(test: pd.DataFrame, category: str) -> None:
+    """One line per kind of lighting problem, however many files have it."""
+    if test.empty:
+        return
+    untagged = test[test["lighting"] == ""]
+    unknown = test[(test["lighting"] != "") & ~test["lighting"].isin(LIGHTING_TOKENS)]
+    if len(untagged):
+        logger.info(
+            "[%s] %d of %d test_public images have no lighting token in their name (MVTec AD 2 names them "
+            "NNN_<lighting>.png); they are evaluated together, without a per-lighting breakdown.",
+            category,
+            len(untagged),
+            len(test),
+        )
+    if len(unknown):
+        tokens = unknown["lighting"].value_counts()
+        shown = ", ".join(f"'{t}' ({n})" for t, n in tokens.head(8).items())
+        logger.warning(
+            "[%s] %d test_public images carry lighting tokens outside %s: %s%s; each token is reported as its own "
+            "group.",
+            category,
+            len(unknown),
+            ", ".join(LIGHTING_TOKENS),
+            shown,
+            " ..." if len(tokens) > 8 else "",
+        )
 
 
 def _content_hash(path: str) -> str:
@@ -89,31 +111,12 @@ def _content_hash(path: str) -> str:
     return digest.hexdigest()
 
 
-def _run_tasks(tasks: list[dict[str, Any]], workers: int, label: str) -> list[dict[str, Any]]:
-    if not tasks:
-        return []
-    progress = tqdm(total=len(tasks), desc=label, unit="img", disable=None)
-    results: list[dict[str, Any]] = []
-    if workers <= 1:
-        for task in tasks:
-            results.append(process_image(task))
-            progress.update()
-    else:
-        with process_pool(workers) as pool:
-            for result in pool.map(process_image, tasks, chunksize=1):
-                results.append(result)
-                progress.update()
-    progress.close()
-    return results
+def preprocess_images(checked: pd.DataFrame, preprocessing: dict[str, Any], category: dict[str, Any]) -> ImageWrites:
+    """Plan the resize of every usable image (and mask) into the category's image store.
 
-
-def preprocess_images(
-    checked: pd.DataFrame, preprocessing: dict[str, Any], category: dict[str, Any], store: ImageStore
-) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Resize every usable image (and mask) into the store, skipping those unchanged since the last run.
-
-    Returns the per-image table (status ``processed`` / ``unchanged`` / ``skipped`` with the problem) and run
-    statistics. Unchanged means same size, modification time (or content hash, if configured) and settings.
+    The plan holds one task per image with a fingerprint of what decides its output (source size and modification
+    time, or content hash; the mask's; the settings); the image store runs only tasks whose fingerprint changed, in
+    worker processes, and keeps the rest (see :class:`~madfh_pipeline.datasets.image_store.ImageWrites`).
     """
     spec = CategorySpec(**category)
     settings = _settings(preprocessing, spec)
@@ -121,102 +124,74 @@ def preprocess_images(
     fingerprint = repr(
         sorted((k, settings[k]) for k in ("target_width", "target_height", "mode", "output_channels", "check_size"))
     )
-    frame = checked.copy()
-    frame = frame[(frame["role"] != "image") | frame["split"].isin(splits)].reset_index(drop=True)
-    frame["settings"] = fingerprint
+    frame = checked[(checked["role"] == "image") & checked["split"].isin(splits) & (checked["problem"] == "")]
     use_hash = settings.get("change_detection", "mtime") == "content_hash"
-    candidates = (frame["role"] == "image") & (frame["problem"] == "")
-    frame["content_hash"] = ""
-    if use_hash:
-        frame.loc[candidates, "content_hash"] = [_content_hash(p) for p in frame.loc[candidates, "path"]]
-
-    previous = store.read_index() if settings.get("incremental", True) else pd.DataFrame()
-    unchanged = pd.Series(False, index=frame.index)
-    if not previous.empty and set(_FINGERPRINT_COLUMNS) <= set(previous.columns):
-        # Known-bad files that did not change keep their problem without being decoded again.
-        prev = previous[previous["status"].isin(["processed", "unchanged", "skipped"])].set_index("relpath")
-        compared = [c for c in _FINGERPRINT_COLUMNS if c != "mtime_ns" or not use_hash]
-        for idx in frame.index[candidates]:
-            rel = frame.at[idx, "relpath"]
-            if rel not in prev.index:
-                continue
-            old = prev.loc[rel]
-            if any(str(old[c]) != str(frame.at[idx, c]) for c in compared):
-                continue
-            if old["status"] == "skipped":
-                frame.at[idx, "problem"] = old["problem"]
-                continue
-            mask_rel = frame.at[idx, "mask_relpath"]
-            if store.exists(rel) and (not mask_rel or store.exists(mask_rel)):
-                unchanged[idx] = True
-    candidates = candidates & (frame["problem"] == "")
-
-    todo = frame.index[candidates & ~unchanged]
-    tasks = [
-        {
-            "relpath": frame.at[i, "relpath"],
-            "path": frame.at[i, "path"],
-            "mask_relpath": frame.at[i, "mask_relpath"],
-            "mask_path": frame.at[i, "mask_path"] if frame.at[i, "mask_exists"] else "",
-            "width": spec.width,
-            "height": spec.height,
-            "check_size": bool(settings.get("check_size", True)),
-            "target_width": int(settings["target_width"]),
-            "target_height": int(settings["target_height"]),
-            "mode": settings["mode"],
-            "channels": int(settings["output_channels"]),
-            "store_root": str(store.root),
-            "compression": store.compression,
-        }
-        for i in todo
-    ]
-    workers = int(settings.get("workers") or os.cpu_count() or 1)
-    workers = max(1, min(workers, len(tasks)))
-    logger.info(
-        "[%s] %d images to process, %d unchanged since the last run (skipped), %d with problems; %d worker(s).",
-        spec.name,
-        len(tasks),
-        int(unchanged.sum()),
-        int((frame["problem"] != "").sum()),
-        workers,
+    tasks = []
+    for row in frame.itertuples(index=False):
+        source = _content_hash(row.path) if use_hash else f"{row.bytes}:{row.mtime_ns}"
+        mask = f"{row.mask_bytes}:{row.mask_mtime_ns}" if row.mask_exists else ""
+        tasks.append(
+            {
+                "relpath": row.relpath,
+                "fingerprint": f"{source}|{mask}|{fingerprint}",
+                "outputs": [row.relpath] + ([row.mask_relpath] if row.mask_exists else []),
+                "path": row.path,
+                "mask_relpath": row.mask_relpath,
+                "mask_path": row.mask_path if row.mask_exists else "",
+                "width": spec.width,
+                "height": spec.height,
+                "check_size": bool(settings.get("check_size", True)),
+                "target_width": int(settings["target_width"]),
+                "target_height": int(settings["target_height"]),
+                "mode": settings["mode"],
+                "channels": int(settings["output_channels"]),
+            }
+        )
+    return ImageWrites(
+        tasks=tasks,
+        worker=process_image,
+        workers=int(settings.get("workers") or os.cpu_count() or 1),
+        incremental=bool(settings.get("incremental", True)),
+        label=f"preprocess {spec.name}",
     )
-    start = time.perf_counter()
-    results = _run_tasks(tasks, workers, f"preprocess {spec.name}")
-    seconds = time.perf_counter() - start
 
+
+def summarize_preprocessing(
+    store: ImageStore, checked: pd.DataFrame, preprocessing: dict[str, Any], category: dict[str, Any]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """What preprocessing did, per file: the store's index joined with the layout checks, plus run statistics.
+
+    Status ``processed`` (written now), ``unchanged`` (kept from an earlier run) or ``skipped`` (with the problem).
+    """
+    spec = CategorySpec(**category)
+    settings = _settings(preprocessing, spec)
+    splits = settings.get("splits") or list(SPLITS)
+    index = store.read_index()
+    frame = checked[(checked["role"] != "image") | checked["split"].isin(splits)].reset_index(drop=True)
     frame["status"] = np.where(frame["problem"] != "", "skipped", "")
-    frame.loc[unchanged[unchanged].index, "status"] = "unchanged"
-    if not previous.empty and unchanged.any():
-        carried = [c for c in previous.columns if c not in frame.columns]
-        prev_rows = previous.set_index("relpath")
-        for col in carried:
-            frame.loc[unchanged, col] = frame.loc[unchanged, "relpath"].map(prev_rows[col])
-    if results:
-        res = pd.DataFrame(results).set_index("relpath")
-        for col in res.columns:
-            frame.loc[todo, col] = frame.loc[todo, "relpath"].map(res[col]).to_numpy()
-    processed = int((frame["status"] == "processed").sum())
+    if not index.empty:
+        results = index.drop(columns=[c for c in ("fingerprint", "outputs") if c in index.columns])
+        results = results.rename(columns={"status": "_status", "problem": "_problem"})
+        frame = frame.merge(results, on="relpath", how="left", validate="one_to_one")
+        written = frame["_status"].notna() & (frame["problem"] == "")
+        frame.loc[written, "status"] = frame.loc[written, "_status"]
+        frame.loc[written, "problem"] = frame.loc[written, "_problem"].fillna("")
+        frame = frame.drop(columns=["_status", "_problem"])
+    lost = (frame["role"] == "image") & (frame["status"] == "")
+    if lost.any():  # an image the plan covered must be in the index; say so rather than drop it quietly
+        frame.loc[lost, ["status", "problem"]] = ["skipped", "not written by preprocessing (see the log)"]
+    last = store.last_write()
     stats = {
         "category": spec.name,
         "n_files": len(frame),
-        "n_processed": processed,
+        "n_processed": int((frame["status"] == "processed").sum()),
         "n_unchanged": int((frame["status"] == "unchanged").sum()),
         "n_skipped": int((frame["status"] == "skipped").sum()),
-        "seconds": round(seconds, 3),
-        "images_per_s": round(processed / seconds, 3) if processed and seconds > 0 else 0.0,
-        "workers": workers,
+        "seconds": float(last.get("seconds", 0.0)),
+        "images_per_s": float(last.get("images_per_s", 0.0)),
+        "workers": int(last.get("workers", 0)),
         "settings": {k: settings[k] for k in ("target_width", "target_height", "mode", "output_channels")},
     }
-    logger.info(
-        "[%s] processed %d images in %.1f s (%.2f images/s), %d unchanged and skipped, %d skipped for problems.",
-        spec.name,
-        processed,
-        seconds,
-        stats["images_per_s"],
-        stats["n_unchanged"],
-        stats["n_skipped"],
-    )
-    store.write_index(frame[frame["role"] == "image"].reset_index(drop=True))
     return frame, stats
 
 

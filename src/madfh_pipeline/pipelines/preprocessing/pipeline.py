@@ -6,6 +6,7 @@ from madfh_pipeline.pipelines.preprocessing.nodes import (
     build_manifest,
     build_validation_report,
     preprocess_images,
+    summarize_preprocessing,
     validate_layout,
 )
 
@@ -17,9 +18,15 @@ def create_pipeline(**kwargs: object) -> Pipeline:
             node(validate_layout, ["raw_images", "params:category"], "checked_files", name="validate_layout"),
             node(
                 preprocess_images,
-                ["checked_files", "params:preprocessing", "params:category", "image_store"],
-                ["preprocessing_table", "preprocessing_stats"],
+                ["checked_files", "params:preprocessing", "params:category"],
+                "image_store",
                 name="preprocess_images",
+            ),
+            node(
+                summarize_preprocessing,
+                ["image_store", "checked_files", "params:preprocessing", "params:category"],
+                ["preprocessing_table", "preprocessing_stats"],
+                name="summarize_preprocessing",
             ),
             node(
                 build_validation_report,
