@@ -519,7 +519,8 @@ def _heatmap_grid(
         vmax = pixel + (pixel - vmin)
     norm = Normalize(vmin=vmin, vmax=vmax, clip=True)
     texts = texts or {}
-    fig, axes = plt.subplots(3, per_group, figsize=(4.4 * per_group + 1.2, 14.5), squeeze=False)
+    fig, axes = plt.subplots(3, per_group, figsize=(4.4 * per_group + 1.6, 16.5), squeeze=False)
+    fig.subplots_adjust(left=0.02, right=0.87, top=0.91, bottom=0.05, hspace=0.55, wspace=0.08)
     for ax in axes.ravel():
         ax.axis("off")
     for row_index, (group, rows) in enumerate(groups.items()):
@@ -562,13 +563,12 @@ def _heatmap_grid(
                     wrap=True,
                 )
     mappable = plt.cm.ScalarMappable(norm=norm, cmap=HEAT_CMAP)
-    bar = fig.colorbar(mappable, ax=axes.ravel().tolist(), fraction=0.025, pad=0.02)
-    bar.set_label("anomaly score (pixel)")
+    bar = fig.colorbar(mappable, cax=fig.add_axes((0.9, 0.3, 0.018, 0.4)))
+    label = "anomaly score (pixel)"
     if pixel is not None:
-        bar.ax.axhline(pixel, c="cyan", lw=2)
-        bar.ax.text(
-            1.6, norm(pixel), f" pixel threshold\n {pixel:.4g}", transform=bar.ax.transAxes, va="center", fontsize=8
-        )
+        bar.ax.axhline(pixel, c="cyan", lw=3)
+        label += f"\ncyan line: pixel threshold {pixel:.4g}"
+    bar.set_label(label)
     fig.suptitle(
         f"{category} · {model.name} · {data_source} data: test_public at image threshold {threshold:.4g}\n"
         "white outline = ground truth, cyan outline = predicted region (map ≥ pixel threshold)",

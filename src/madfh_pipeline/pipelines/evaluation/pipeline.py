@@ -41,7 +41,7 @@ def create_pipeline(features: bool = False, learned: bool = False, **kwargs: obj
                 [
                     "scores",
                     "anomaly_maps",
-                    "raw_masks",
+                    "image_store",
                     "model",
                     "params:explainer",
                     *(["explainer_model"] if learned else []),

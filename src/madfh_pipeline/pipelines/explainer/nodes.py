@@ -23,28 +23,38 @@ import pandas as pd
 
 from madfh_pipeline.datasets.image_store import ImageStore
 from madfh_pipeline.datasets.map_store import MapStore
-from madfh_pipeline.imaging import Geometry
+from madfh_pipeline.imaging import Geometry, read_image
 from madfh_pipeline.models.base import AnomalyDetector
 from madfh_pipeline.progress import progress
 
 logger = logging.getLogger(__name__)
 
 
-def _read_pair_sources(manifest: pd.DataFrame, raw: ImageStore) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    rows = manifest[
+def _canvas_view(
+    row: Any, store: ImageStore, mask_key: str | None
+) -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
+    """Image and mask on the model canvas, cropped to the image content, with native pixels per canvas pixel.
+
+    Explanations are computed at canvas resolution (a 1024² view of a 2448×2048 image: region positions, shapes and
+    contrast are the same, five times fewer pixels); sizes are still reported in native pixels through the scale.
+    """
+    geometry = Geometry.from_row(row)
+    content = geometry.content
+    image = store.read(row.relpath)[content]
+    mask = store.read(mask_key, channels=1)[content] > 0 if mask_key else None
+    return image, mask, (1.0 / geometry.scale_x, 1.0 / geometry.scale_y)
+
+
+def _pair_sources(manifest: pd.DataFrame) -> pd.DataFrame:
+    return manifest[
         ((manifest["split"] == "test_public") & (manifest["label"] == "bad") & manifest["has_mask"])
         | ((manifest["split"] == "validation") & (manifest["label"] == "good"))
     ]
-    out = []
-    for row in rows.itertuples(index=False):
-        mask = raw.read(row.mask_relpath, channels=1) > 0 if row.label == "bad" else None
-        out.append((row.relpath, raw.read(row.relpath), mask))
-    return out
 
 
 def build_explainer_pairs(
     manifest: pd.DataFrame,
-    raw: ImageStore,
+    store: ImageStore,
     explainer: dict[str, Any],
     operator: list[dict[str, Any]] | None = None,
 ) -> tuple[list[Any], list[Any], dict[str, float]]:
@@ -66,15 +76,18 @@ def build_explainer_pairs(
     size = int((explainer.get("learned") or {}).get("input_size", 384))
     split = explainer.get("split") or {}
     pairs = []
-    sources = _read_pair_sources(manifest, raw)
-    for relpath, image, mask in progress(sources, desc="explainer pairs", unit="img"):
-        text = describe(mask, image, settings=explainer.get("describer")).text
+    sources = list(_pair_sources(manifest).itertuples(index=False))
+    for row in progress(sources, desc="explainer pairs", unit="img"):
+        image, mask, scale = _canvas_view(row, store, row.mask_relpath if row.label == "bad" else None)
+        text = describe(mask, image, native_scale=scale, settings=explainer.get("describer")).text
         pairs.append(
-            build_training_pair(relpath, image, mask, text, size=size, group=mvtec_group_key(relpath), **composite)
+            build_training_pair(
+                row.relpath, image, mask, text, size=size, group=mvtec_group_key(row.relpath), **composite
+            )
         )
     train, evaluation = split_pairs(pairs, float(split.get("eval_fraction", 0.3)), str(split.get("salt", "explainer")))
     if operator:
-        extra = operator_training_pairs(operator, raw.read, size=size, group_key=mvtec_group_key, **composite)
+        extra = operator_training_pairs(operator, read_image, size=size, group_key=mvtec_group_key, **composite)
         extra_train, extra_eval = split_pairs(
             extra, float(split.get("eval_fraction", 0.3)), str(split.get("salt", "explainer"))
         )
@@ -138,16 +151,17 @@ def train_explainer(
 def explain_detections(
     scores: pd.DataFrame,
     maps: MapStore,
-    raw: ImageStore,
+    store: ImageStore,
     model: AnomalyDetector,
     explainer: dict[str, Any],
     explainer_model: Any | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float], str]:
     """A description for every test image the detector flags (score ≥ its image threshold), with text metrics.
 
-    The grounded explanation describes the predicted region (the native-size map at the pixel threshold); with a
-    learned explainer, its text for the same composite input is stored beside it. Where ground truth exists, both are
-    scored against the grounded description of the true mask (BLEU, ROUGE-L, location and size agreement).
+    The grounded explanation describes the predicted region (the map at the pixel threshold, sizes in native
+    pixels); with a learned explainer, its text for the same composite input is stored beside it. Where ground truth
+    exists, both are scored against the grounded description of the true mask (BLEU, ROUGE-L, location and size
+    agreement).
     """
     from madfh_pipeline.explain.dataset import compose_input
     from madfh_pipeline.explain.describer import describe
@@ -159,21 +173,21 @@ def explain_detections(
     flagged = rows[rows["score"] >= threshold] if threshold is not None else rows.iloc[:0]
     size = int((explainer.get("learned") or {}).get("input_size", 384))
     composite = explainer.get("composite") or {}
+    settings = explainer.get("describer")
     records, composites = [], []
     for row in progress(list(flagged.itertuples(index=False)), desc=f"explain {model.name}", unit="img"):
-        image = raw.read(row.relpath)
-        native = Geometry.from_row(row).invert(maps.read_map(row.map_key))
-        predicted = native >= pixel if pixel is not None else np.zeros(native.shape, bool)
+        truth = row.mask_relpath if row.label == "bad" and row.has_mask else None
+        image, true_mask, scale = _canvas_view(row, store, truth)
+        heat = maps.read_map(row.map_key)[Geometry.from_row(row).content]
+        predicted = heat >= pixel if pixel is not None else np.zeros(heat.shape, bool)
         grounded = describe(
-            predicted, image, score=float(row.score), threshold=float(threshold), settings=explainer.get("describer")
+            predicted, image, native_scale=scale, score=float(row.score), threshold=float(threshold), settings=settings
         )
         reference = ""
-        if row.label == "bad" and row.has_mask:
-            reference = describe(
-                raw.read(row.mask_relpath, channels=1) > 0, image, settings=explainer.get("describer")
-            ).text
+        if truth is not None:
+            reference = describe(true_mask, image, native_scale=scale, settings=settings).text
         elif row.label == "good":
-            reference = describe(None, image, settings=explainer.get("describer")).text
+            reference = describe(None, image, native_scale=scale, settings=settings).text
         records.append(
             {
                 "relpath": row.relpath,
