@@ -6,6 +6,8 @@ Model files are safetensors + a JSON header (:mod:`madfh_pipeline.models.base`):
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -56,9 +58,35 @@ class DetectorDataset(AbstractVersionedDataset[AnomalyDetector, AnomalyDetector]
 
     def save(self, data: AnomalyDetector) -> None:
         path = Path(self._get_save_path())
-        save_detector(data, path)
+        source = getattr(data, "source_file", None)
+        if source is not None and _unchanged(data, Path(source)):
+            # A reused model that calibration did not change: the new version is a hard link to the file it was
+            # loaded from (same bytes), so an unchanged re-run costs no disk; a copy where links are not possible.
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, path)
+            except OSError:
+                shutil.copy2(source, path)
+        else:
+            save_detector(data, path)
         if self._category and self._detector:
             tracking.log_artifact(self._category, self._detector, path, "model")
+
+
+def _unchanged(detector: AnomalyDetector, source: Path) -> bool:
+    """Whether ``detector`` is exactly what ``source`` holds (same class, config, training, thresholds)."""
+    if not source.is_file():
+        return False
+    try:
+        header = read_header(source)
+    except ModelFileError:
+        return False
+    return (
+        header.get("name") == detector.name
+        and header.get("config") == detector.config
+        and header.get("thresholds") == detector.thresholds.to_dict()
+        and header.get("provenance") == detector.provenance
+    )
 
 
 class ModelCache:
@@ -92,7 +120,9 @@ class ModelCache:
                 logger.info("Not reusing '%s': %s", path, exc)
                 continue
             if (header.get("provenance") or {}).get("training_fingerprint") == training_fingerprint:
-                return load_detector(path, device=self.device), path.parent.name
+                detector = load_detector(path, device=self.device)
+                detector.source_file = str(path)  # lets an unchanged re-save link instead of copying
+                return detector, path.parent.name
         return None
 
 
