@@ -24,7 +24,15 @@ from kedro.pipeline import Pipeline, pipeline
 from kedro.utils import find_kedro_project
 
 from madfh_pipeline.categories import pipeline_categories
-from madfh_pipeline.pipelines import demo_data, detection, evaluation, explainer, preprocessing, vlm_features
+from madfh_pipeline.pipelines import (
+    demo_data,
+    detection,
+    evaluation,
+    explainer,
+    inspection,
+    preprocessing,
+    vlm_features,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +66,15 @@ def _relevant(parameters: dict[str, Any]) -> dict[str, Any]:
             },
             "vlm": vlm_enabled(parameters),
             "learned_explainer": learned_explainer_enabled(parameters),
+            "inspection": inspection_detector(parameters),
         }
     )
+
+
+def inspection_detector(parameters: dict[str, Any]) -> str | None:
+    """The detector whose model inspects new images, or None when the inspection stage is off."""
+    params = parameters.get("inspection") or {}
+    return str(params.get("detector")) if params.get("enabled", False) else None
 
 
 def learned_explainer_enabled(parameters: dict[str, Any]) -> bool:
@@ -118,7 +133,7 @@ def configured_detectors(parameters: dict[str, Any]) -> list[str]:
     return enabled
 
 
-def namespaced(template: Pipeline, category: str) -> Pipeline:
+def namespaced(template: Pipeline, category: str, inputs: dict[str, str] | None = None) -> Pipeline:
     """One copy of a stage template for ``category``: datasets under ``<category>.``, its spec as ``params:category``.
 
     Every other parameter stays global (the stage's parameters file), so categories differ only in their spec.
@@ -127,7 +142,7 @@ def namespaced(template: Pipeline, category: str) -> Pipeline:
     mapping = {name: name for name in used}
     if "params:category" in used:
         mapping["params:category"] = f"params:categories.{category}"
-    return pipeline(template, namespace=category, parameters=mapping, tags=[category])
+    return pipeline(template, namespace=category, inputs=inputs, parameters=mapping, tags=[category])
 
 
 #: Category-level datasets that every detector of a category shares (not copied per detector).
@@ -181,6 +196,22 @@ def build_pipelines(parameters: dict[str, Any]) -> dict[str, Pipeline]:
     pipelines: dict[str, Pipeline] = dict(per_category)
     for stage, template in stages.items():
         pipelines[stage] = sum((namespaced(template, cat) for cat in categories), Pipeline([]))
+    inspector = inspection_detector(parameters)
+    if inspector is not None:
+        if inspector not in detectors:
+            raise ValueError(
+                f"inspection.detector is '{inspector}', which this run does not train (detectors: {detectors}); "
+                "choose one of them or set inspection.enabled: false."
+            )
+        inspect = {
+            cat: namespaced(inspection.create_pipeline(), cat, inputs={"model": f"{cat}.{inspector}.model"})
+            for cat in categories
+        }
+        for cat, pipe in inspect.items():
+            per_category[cat] += pipe
+            pipelines[cat] = per_category[cat]
+            pipelines[f"inspect_{cat}"] = pipe
+        pipelines["inspect"] = sum(inspect.values(), Pipeline([]))
     pipelines["demo_data"] = sum((namespaced(demo_data.create_pipeline(), cat) for cat in categories), Pipeline([]))
     pipelines["__default__"] = sum(per_category.values(), Pipeline([]))
     return pipelines

@@ -44,12 +44,14 @@ def map_key(relpath: str) -> str:
 class MapWrites:
     """What a scoring node asks a :class:`MapStore` to write.
 
-    ``items`` are ``(image key, fingerprint)`` pairs; ``compute(keys)`` yields ``(key, image score, map)`` for the keys
-    that need scoring, in any batching it likes (it is only called for those). ``model`` names the model in the index.
+    ``items`` are ``(image key, fingerprint)`` pairs; ``compute(keys)`` yields ``(key, image score, map)`` — or
+    ``(key, score, map, extra)`` with a dict of further columns for the index (a decision, an explanation, an error:
+    then the map may be ``None`` and the score NaN) — for the keys that need scoring, in any batching it likes (it is
+    only called for those). ``model`` names the model in the index.
     """
 
     items: list[tuple[str, str]]
-    compute: Callable[[list[str]], Iterator[tuple[str, float, np.ndarray]]]
+    compute: Callable[[list[str]], Iterator[tuple[Any, ...]]]
     model: str = ""
     incremental: bool = True
     label: str = "score"
@@ -103,21 +105,26 @@ class MapStore:
         fingerprints = dict(writes.items)
         for key, fingerprint in writes.items:
             old = previous.get(key)
-            if old is not None and old["fingerprint"] == fingerprint and (self.root / old["map_key"]).is_file():
+            kept_map = bool(old is not None and (not old["map_key"] or (self.root / old["map_key"]).is_file()))
+            if old is not None and old["fingerprint"] == fingerprint and kept_map:
                 rows[key] = old
             else:
                 todo.append(key)
         started = time.perf_counter()
         if todo:
             bar = progress(total=len(todo), desc=writes.label, unit="img")
-            for key, score, anomaly_map in writes.compute(todo):
-                self.write_map(map_key(key), anomaly_map)
+            for item in writes.compute(todo):
+                key, score, anomaly_map = item[:3]
+                extra = dict(item[3]) if len(item) > 3 else {}
+                if anomaly_map is not None:
+                    self.write_map(map_key(key), anomaly_map)
                 rows[key] = {
                     "relpath": key,
                     "score": float(score),
-                    "map_key": map_key(key),
+                    "map_key": map_key(key) if anomaly_map is not None else "",
                     "fingerprint": fingerprints[key],
                     "model": writes.model,
+                    **extra,
                 }
                 bar.update()
             bar.close()
