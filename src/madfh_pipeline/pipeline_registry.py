@@ -29,6 +29,7 @@ from madfh_pipeline.pipelines import (
     detection,
     evaluation,
     explainer,
+    feedback,
     inspection,
     preprocessing,
     vlm_features,
@@ -212,6 +213,10 @@ def build_pipelines(parameters: dict[str, Any]) -> dict[str, Pipeline]:
             pipelines[cat] = per_category[cat]
             pipelines[f"inspect_{cat}"] = pipe
         pipelines["inspect"] = sum(inspect.values(), Pipeline([]))
+        learn = {cat: namespaced(feedback.create_pipeline(), cat) for cat in categories}
+        for cat, pipe in learn.items():
+            pipelines[f"feedback_{cat}"] = pipe
+        pipelines["feedback"] = sum(learn.values(), Pipeline([]))
     pipelines["demo_data"] = sum((namespaced(demo_data.create_pipeline(), cat) for cat in categories), Pipeline([]))
     pipelines["__default__"] = sum(per_category.values(), Pipeline([]))
     return pipelines

@@ -102,3 +102,29 @@ class LoraExplainerDataset(AbstractDataset[Any, Any]):
         from madfh_pipeline.explain.lora import LoraExplainer
 
         return LoraExplainer.load(self._path, local_files_only=self._local_files_only, device=self._device)
+
+
+class OperatorDescriptionsDataset(AbstractDataset[list[dict[str, Any]], list[dict[str, Any]]]):
+    """Operators' descriptions exported by the feedback pipeline; an empty list until the first feedback run.
+
+    Empty, not an error: the explainer trains on grounded pairs alone until operators have written something.
+    """
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+    def _exists(self) -> bool:
+        return True
+
+    def save(self, data: list[dict[str, Any]]) -> None:
+        self._filepath.parent.mkdir(parents=True, exist_ok=True)
+        self._filepath.write_text(json.dumps(data, indent=2, default=str))
+
+    def load(self) -> list[dict[str, Any]]:
+        if not self._filepath.is_file():
+            return []
+        return list(json.loads(self._filepath.read_text()))

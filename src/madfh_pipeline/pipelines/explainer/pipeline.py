@@ -10,7 +10,7 @@ def create_pipeline(**kwargs: object) -> Pipeline:
         [
             node(
                 build_explainer_pairs,
-                ["manifest", "image_store", "params:explainer"],
+                ["manifest", "image_store", "params:explainer", "operator_descriptions"],
                 ["explainer_pairs_train", "explainer_pairs_eval", "explainer_pair_counts"],
                 name="build_explainer_pairs",
             ),

@@ -1,0 +1,274 @@
+"""What operators' verdicts teach the detector: a threshold, normal patches, a defect bank — each measured, Kedro-free.
+
+Operators review what the detector doubts and answer OK or NG. Three things are learnt from those labels, in the
+order the feedback pipeline applies them, and each only from the *calibration* part of the labels (a hashed split by
+image id); the *held-out* part says whether it helped, before and after, with the same numbers every time:
+
+(b) **Confirmed false alarms** are normal images the memory bank did not cover: their patches join the bank
+    (:meth:`add_normal` of detectors that have a bank), so the same normal variation stops alarming.
+(c) **Confirmed defects** form a defect bank; an image whose most anomalous patches lie near a known defect gets its
+    score raised (semi-supervised re-ranking, :meth:`set_defect_bank`). Kept only if it measurably helps on the
+    calibration labels (image AUROC up, false-alarm rate at the target recall not worse); otherwise dropped and the
+    report says so.
+(a) The **image threshold** is recalibrated from the labelled scores (after b and c): the highest threshold that still
+    misses at most ``max_miss_rate`` of the confirmed defects, i.e. the lowest false-alarm rate at that miss rate.
+
+The numbers: false-alarm rate at the recall target (threshold-free), image AUROC, and false-alarm / miss rates at the
+threshold in force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Loads one image (by path) as the detector's input: a float tensor (C, H, W) in [0, 1] on the model canvas.
+CanvasLoader = Callable[[str], torch.Tensor]
+
+
+def far_at_recall(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, recall: float = 0.95
+) -> float:
+    """False-alarm rate at the highest threshold that still finds ``recall`` of the defects (threshold-free).
+
+    NaN when there is no defect or no good image among the labels.
+    """
+    y = np.asarray(labels, dtype=int)
+    s = np.asarray(scores, dtype=float)
+    bad, good = s[y == 1], s[y == 0]
+    if bad.size == 0 or good.size == 0:
+        return math.nan
+    keep = math.ceil(recall * bad.size)  # defects that must be at or above the threshold
+    threshold = np.sort(bad)[::-1][keep - 1]
+    return float((good >= threshold).mean())
+
+
+def threshold_for_miss_rate(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, max_miss_rate: float
+) -> float | None:
+    """The highest threshold (score ≥ t is flagged) that misses at most ``max_miss_rate`` of the defects.
+
+    The highest such threshold has the lowest false-alarm rate among them. ``None`` without any labelled defect.
+    """
+    y = np.asarray(labels, dtype=int)
+    bad = np.sort(np.asarray(scores, dtype=float)[y == 1])
+    if bad.size == 0:
+        return None
+    allowed = math.floor(max_miss_rate * bad.size)  # defects that may fall below the threshold
+    return float(bad[min(allowed, bad.size - 1)])
+
+
+def decision_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    y = np.asarray(labels, dtype=int)
+    flagged = np.asarray(scores, dtype=float) >= threshold
+    good, bad = y == 0, y == 1
+    return {
+        "false_alarm_rate": float(flagged[good].mean()) if good.any() else math.nan,
+        "miss_rate": float((~flagged[bad]).mean()) if bad.any() else math.nan,
+    }
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    from madfh_pipeline.metrics import image_auroc as auroc
+
+    y = np.asarray(labels, dtype=int)
+    return auroc(y, scores) if 0 < y.sum() < y.size else math.nan
+
+
+def holdout_mask(image_ids: Iterable[str], fraction: float, salt: str = "feedback") -> np.ndarray:
+    """True for the images kept out of learning (a stable hash of the image id, so a label never switches sides)."""
+    out = []
+    for image_id in image_ids:
+        digest = hashlib.sha256(f"{salt}:{image_id}".encode()).digest()
+        out.append(int.from_bytes(digest[:8], "big") / 2**64 < fraction)
+    return np.asarray(out, dtype=bool)
+
+
+def summary(labels: np.ndarray, scores: np.ndarray, threshold: float | None, recall: float) -> dict[str, float]:
+    out = {
+        "n": float(len(labels)),
+        "n_defects": float(np.sum(labels)),
+        f"far_at_recall_{int(round(recall * 100))}": far_at_recall(labels, scores, recall),
+        "image_auroc": image_auroc(labels, scores),
+    }
+    if threshold is not None:
+        out |= decision_rates(labels, scores, threshold) | {"threshold": float(threshold)}
+    return out
+
+
+@dataclass
+class FeedbackSettings:
+    """How labels become model changes (the ``feedback`` parameters)."""
+
+    holdout_fraction: float = 0.3
+    salt: str = "feedback"
+    recall: float = 0.95
+    max_miss_rate: float = 0.05
+    extend_bank: bool = True
+    max_normal_patches_per_image: int = 256
+    defect_bank: bool = True
+    defect_weights: tuple[float, ...] = (0.1, 0.25, 0.5)
+    defect_patches_per_image: int = 16
+    batch_size: int = 4
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any] | None) -> FeedbackSettings:
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"Unknown feedback setting(s) {unknown}; valid: {', '.join(cls.__dataclass_fields__)}.")
+        if "defect_weights" in data:
+            data["defect_weights"] = tuple(float(w) for w in data["defect_weights"])
+        return cls(**data)
+
+
+@dataclass
+class FeedbackReport:
+    """Before/after on the held-out labels, and what each step did."""
+
+    n_labels: int
+    n_calibration: int
+    n_holdout: int
+    before: dict[str, float]
+    after: dict[str, float]
+    calibration_before: dict[str, float]
+    calibration_after: dict[str, float]
+    steps: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _json_safe(asdict(self))
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _score(detector: Any, paths: Sequence[str], load: CanvasLoader, batch_size: int) -> np.ndarray:
+    scores = []
+    for start in range(0, len(paths), batch_size):
+        batch = torch.stack([load(p) for p in paths[start : start + batch_size]])
+        with torch.no_grad():
+            scores.append(detector.predict(batch).scores.astype(np.float64))
+    return np.concatenate(scores) if scores else np.empty(0)
+
+
+def _batches(paths: Sequence[str], load: CanvasLoader, batch_size: int) -> Callable[[], Iterable[torch.Tensor]]:
+    def source() -> Iterable[torch.Tensor]:
+        for start in range(0, len(paths), batch_size):
+            yield torch.stack([load(p) for p in paths[start : start + batch_size]])
+
+    return source
+
+
+def apply_feedback(
+    detector: Any,
+    labelled: Any,
+    load: CanvasLoader,
+    settings: FeedbackSettings | None = None,
+) -> tuple[Any, FeedbackReport]:
+    """Learn from labelled images (a DataFrame with ``image_id``, ``image_path``, ``label`` 0/1, ``decision``).
+
+    Returns the updated detector (a changed copy is the caller's new model version) and the report. The detector is
+    changed in place; pass a copy to keep the old one.
+    """
+    settings = settings or FeedbackSettings()
+    frame = labelled.reset_index(drop=True)
+    labels = frame["label"].to_numpy(dtype=int)
+    paths = frame["image_path"].tolist()
+    hold = holdout_mask(frame["image_id"], settings.holdout_fraction, settings.salt)
+    calib = ~hold
+    threshold_before = detector.thresholds.image
+    scores_before = _score(detector, paths, load, settings.batch_size)
+    steps: dict[str, Any] = {}
+
+    # (b) confirmed false alarms: normal images the bank did not cover
+    false_alarms = [
+        p
+        for p, y, d, c in zip(paths, labels, frame["decision"], calib, strict=True)
+        if c and y == 0 and d in ("NG", "REVIEW")
+    ]
+    if settings.extend_bank and false_alarms and hasattr(detector, "add_normal"):
+        added = detector.add_normal(
+            _batches(false_alarms, load, settings.batch_size), settings.max_normal_patches_per_image
+        )
+        steps["extend_bank"] = {"images": len(false_alarms), "patches_added": int(added)}
+    else:
+        reason = (
+            "disabled"
+            if not settings.extend_bank
+            else ("no confirmed false alarm" if not false_alarms else f"{type(detector).__name__} has no memory bank")
+        )
+        steps["extend_bank"] = {"images": len(false_alarms), "patches_added": 0, "skipped": reason}
+
+    # (c) confirmed defects: a defect bank that re-ranks, kept only if it helps on the calibration labels
+    defects = [p for p, y, c in zip(paths, labels, calib, strict=True) if c and y == 1]
+    if settings.defect_bank and defects and hasattr(detector, "set_defect_bank"):
+        plain = _score(detector, paths, load, settings.batch_size)
+        base_auroc = image_auroc(labels[calib], plain[calib])
+        base_far = far_at_recall(labels[calib], plain[calib], settings.recall)
+        detector.set_defect_bank(_batches(defects, load, settings.batch_size), settings.defect_patches_per_image, 0.0)
+        best: tuple[float, float, float] | None = None
+        for weight in settings.defect_weights:
+            detector.defect_weight = weight
+            trial = _score(detector, paths, load, settings.batch_size)
+            auroc = image_auroc(labels[calib], trial[calib])
+            far = far_at_recall(labels[calib], trial[calib], settings.recall)
+            if auroc > base_auroc and not far > base_far and (best is None or auroc > best[1]):
+                best = (weight, auroc, far)
+        if best is None:
+            detector.clear_defect_bank()
+            steps["defect_bank"] = {
+                "images": len(defects),
+                "kept": False,
+                "reason": "no weight improved the calibration labels",
+            }
+        else:
+            detector.defect_weight = best[0]
+            steps["defect_bank"] = {
+                "images": len(defects),
+                "kept": True,
+                "weight": best[0],
+                "calibration_auroc": best[1],
+            }
+    else:
+        steps["defect_bank"] = {"images": len(defects), "kept": False, "reason": "disabled or nothing to learn from"}
+
+    # (a) the threshold, from the (re-)scored calibration labels
+    scores_after = _score(detector, paths, load, settings.batch_size)
+    new_threshold = threshold_for_miss_rate(labels[calib], scores_after[calib], settings.max_miss_rate)
+    if new_threshold is not None:
+        detector.thresholds.image = new_threshold
+        detector.thresholds.rule += (
+            f"; recalibrated on {int(calib.sum())} operator labels (max miss rate {settings.max_miss_rate})"
+        )
+        steps["threshold"] = {"before": threshold_before, "after": new_threshold}
+    else:
+        steps["threshold"] = {"before": threshold_before, "after": threshold_before, "skipped": "no labelled defect"}
+    threshold_after = detector.thresholds.image
+    report = FeedbackReport(
+        n_labels=len(frame),
+        n_calibration=int(calib.sum()),
+        n_holdout=int(hold.sum()),
+        before=summary(labels[hold], scores_before[hold], threshold_before, settings.recall),
+        after=summary(labels[hold], scores_after[hold], threshold_after, settings.recall),
+        calibration_before=summary(labels[calib], scores_before[calib], threshold_before, settings.recall),
+        calibration_after=summary(labels[calib], scores_after[calib], threshold_after, settings.recall),
+        steps=steps,
+    )
+    logger.info("Feedback: %s", {k: report.steps[k] for k in report.steps})
+    return detector, report
