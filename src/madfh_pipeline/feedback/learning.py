@@ -68,12 +68,13 @@ def threshold_for_miss_rate(
 
 
 def decision_rates(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
+    """False-alarm and miss rates of the decisions at ``threshold`` (what the line sees)."""
     y = np.asarray(labels, dtype=int)
     flagged = np.asarray(scores, dtype=float) >= threshold
     good, bad = y == 0, y == 1
     return {
-        "false_alarm_rate": float(flagged[good].mean()) if good.any() else math.nan,
-        "miss_rate": float((~flagged[bad]).mean()) if bad.any() else math.nan,
+        "false_alarm_rate_at_threshold": float(flagged[good].mean()) if good.any() else math.nan,
+        "miss_rate_at_threshold": float((~flagged[bad]).mean()) if bad.any() else math.nan,
     }
 
 
@@ -94,14 +95,16 @@ def holdout_mask(image_ids: Iterable[str], fraction: float, salt: str = "feedbac
 
 
 def summary(labels: np.ndarray, scores: np.ndarray, threshold: float | None, recall: float) -> dict[str, float]:
+    """``false_alarm_rate``: at the recall target (threshold-free); ``*_at_threshold``: the decisions in force."""
     out = {
         "n": float(len(labels)),
         "n_defects": float(np.sum(labels)),
-        f"far_at_recall_{int(round(recall * 100))}": far_at_recall(labels, scores, recall),
+        "false_alarm_rate": far_at_recall(labels, scores, recall),
         "image_auroc": image_auroc(labels, scores),
+        "threshold": float(threshold) if threshold is not None else math.nan,
     }
     if threshold is not None:
-        out |= decision_rates(labels, scores, threshold) | {"threshold": float(threshold)}
+        out |= decision_rates(labels, scores, threshold)
     return out
 
 
