@@ -15,7 +15,7 @@ CATEGORY ?= wallplugs
 # One stamp per category: `make run` generates only the category it runs (CATEGORY=walnuts make run for another).
 DEMO_STAMP := $(DEMO_ROOT)/$(CATEGORY)/.generated
 
-.PHONY: run install demo-data test test-fast lint format bench viz mlflow-ui clean-demo
+.PHONY: run install demo-data test test-fast lint format bench viz mlflow-ui ui clean-demo
 
 $(BIN)/kedro: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (pyproject: requires-python 3.11)"; exit 1; }
@@ -38,10 +38,13 @@ demo-data: $(DEMO_STAMP)
 run: $(DEMO_STAMP) | $(BIN)/kedro
 	$(BIN)/kedro run --env demo --pipelines=$(CATEGORY)
 
+# Everything, as CI runs it: the knowledge-base suite also against a throw-away PostgreSQL server, and the review
+# app's test in headless Chromium (both installed from Debian's packages when missing: needs root / apt).
 test: $(BIN)/kedro
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
-	$(BIN)/python -m pytest -q
+	bash .ci/browser.sh
+	bash .ci/postgres.sh $(BIN)/python -m pytest -q
 
 # Without the end-to-end runs (marker `slow`); CI runs `make test`, i.e. everything.
 test-fast: $(BIN)/kedro
@@ -61,6 +64,13 @@ bench: $(BIN)/kedro
 # kedro-viz needs HTTP: this serves it at http://127.0.0.1:4141 (a `kedro viz build` folder is blank opened as a file).
 viz: $(BIN)/kedro
 	$(BIN)/kedro viz run --env demo --host 127.0.0.1 --port 4141 --no-browser
+
+# The operators' review app on the embedded knowledge base (after `make run` its queue holds wallplugs' inspections).
+ui: $(BIN)/kedro
+	$(BIN)/streamlit run src/madfh_pipeline/app/main.py --server.address 127.0.0.1 --server.port 8501 \
+		--server.headless true --browser.gatherUsageStats false \
+		-- --kb-url sqlite:///data/09_knowledge_base/knowledge_base.sqlite --data-root data/ \
+		--feedback-command "$(BIN)/kedro run --env demo --pipelines=feedback_{category}"
 
 mlflow-ui: $(BIN)/kedro
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

@@ -205,7 +205,11 @@ def build_pipelines(parameters: dict[str, Any]) -> dict[str, Pipeline]:
                 "choose one of them or set inspection.enabled: false."
             )
         inspect = {
-            cat: namespaced(inspection.create_pipeline(), cat, inputs={"model": f"{cat}.{inspector}.model"})
+            cat: namespaced(
+                inspection.create_pipeline(),
+                cat,
+                inputs={"model": f"{cat}.{inspector}.model", "review_settings": "review_settings"},
+            )
             for cat in categories
         }
         for cat, pipe in inspect.items():

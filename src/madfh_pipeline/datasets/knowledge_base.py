@@ -206,3 +206,59 @@ class KnowledgeBaseDataset(_KnowledgeBaseDataset):
 
     def load(self) -> Any:
         return self.kb
+
+
+class ReviewSettingsDataset(AbstractDataset[None, dict[str, float]]):
+    """The review band per category that operators set in the app (``{category: review_band_std}``; empty if unset)."""
+
+    def __init__(self, filepath: str, metadata: dict[str, Any] | None = None) -> None:
+        self._filepath = Path(filepath)
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+    def _exists(self) -> bool:
+        return True
+
+    def save(self, data: None) -> None:
+        raise DatasetError("Review settings are written by the review app's Settings page.")
+
+    def load(self) -> dict[str, float]:
+        from madfh_pipeline.app.review_settings import load_review_settings
+
+        return load_review_settings(self._filepath) if self._filepath.is_file() else {}
+
+
+class NotificationsDataset(AbstractDataset[pd.DataFrame, None]):
+    """``save(records)`` posts a JSON message per NG record to the webhook in credentials (``notifications``).
+
+    No URL configured: nothing is sent (logged once). Failures are retried with back-off in a background thread and
+    logged; they never fail the run (the records are already in the knowledge base), and saving waits at most
+    ``timeout_s`` for the queue to drain.
+    """
+
+    def __init__(
+        self, credentials: dict[str, Any] | None = None, timeout_s: float = 30.0, metadata: dict[str, Any] | None = None
+    ) -> None:
+        self._credentials = credentials or {}
+        self._timeout_s = timeout_s
+        self.metadata = metadata
+
+    def _describe(self) -> dict[str, Any]:
+        return {"webhook": bool(self._credentials.get("webhook_url"))}
+
+    def load(self) -> None:
+        raise DatasetError("Notifications are sent, not stored.")
+
+    def save(self, data: pd.DataFrame) -> None:
+        from madfh_pipeline.notify import notifier_from_credentials
+
+        notifier = notifier_from_credentials(self._credentials)
+        ng = data[data["decision"] == "NG"] if len(data) else data
+        if notifier is None:
+            logger.info("No webhook configured (credentials notifications.webhook_url): %d NG not notified.", len(ng))
+            return
+        with notifier:
+            sent = notifier.notify_ng(ng.to_dict("records"))
+        logger.info("Queued %d NG notifications to the webhook.", sent)

@@ -76,8 +76,10 @@ def learn_from_feedback(
     model.version = f"{detector.name}@{detector.fingerprint[:12]}"
     report_dict = {
         "category": category["name"],
-        "parent_version": active.version,
-        "version": model.version,
+        "recall": settings.recall,
+        "model_version_before": active.version,
+        "model_version_after": model.version,
+        "n_feedback": len(labelled),
     } | report.to_dict()
     registration = {
         "version": model.version,
@@ -98,8 +100,8 @@ def learn_from_feedback(
         model.version,
         active.version,
         100 * settings.recall,
-        report.before.get(f"far_at_recall_{int(round(settings.recall * 100))}"),
-        report.after.get(f"far_at_recall_{int(round(settings.recall * 100))}"),
+        report.before.get("false_alarm_rate"),
+        report.after.get("false_alarm_rate"),
     )
     return model, registration, report_dict, metrics
 

@@ -77,19 +77,33 @@ def _embedding(model: Any, image: np.ndarray) -> list[float] | None:
 
 
 def inspect_images(
-    listing: pd.DataFrame, models: InspectionModelStore, active: Any, inspection: dict[str, Any]
+    listing: pd.DataFrame,
+    models: InspectionModelStore,
+    active: Any,
+    inspection: dict[str, Any],
+    review_settings: dict[str, float],
+    category: dict[str, Any],
 ) -> MapWrites:
-    """Plan the inspection of every listed image with the active model version (skipping ones it already saw)."""
+    """Plan the inspection of every listed image with the active model version (skipping ones it already saw).
+
+    The REVIEW band is the one operators set for this category in the review app, else ``review_band_std``.
+    """
     version = active.version
+    band = review_settings.get(category["name"])
     limit = inspection.get("max_images")
     rows = listing.head(int(limit)) if limit else listing
-    items = [(str(r.image_id), f"{version}|{r.image_id}") for r in rows.itertuples(index=False)]
+    items = [(str(r.image_id), f"{version}|band={band}|{r.image_id}") for r in rows.itertuples(index=False)]
     paths = dict(zip(rows["image_id"].astype(str), rows["path"], strict=True))
     batch_size = int(inspection.get("batch_size", 4))
     with_embeddings = bool(inspection.get("embeddings", True))
 
     def compute(keys: list[str]) -> Iterator[tuple[Any, ...]]:
         model = models.load(version)
+        if band is not None:
+            from dataclasses import replace
+
+            model.settings = replace(model.settings, review_band_std=float(band))
+            logger.info("REVIEW band %.2f σ for %s (set in the review app).", band, category["name"])
         logger.info("Inspecting %d images with %s.", len(keys), version)
         for start in range(0, len(keys), batch_size):
             chunk = keys[start : start + batch_size]
@@ -129,8 +143,9 @@ def inspect_images(
 
 def record_inspections(
     maps: MapStore, listing: pd.DataFrame, active: Any, category: dict[str, Any], reader: Any
-) -> tuple[pd.DataFrame, dict[str, dict[str, Any]], dict[str, float]]:
-    """Knowledge-base records, a JSON report per image (the original system's keys) and run metrics.
+) -> tuple[pd.DataFrame, dict[str, dict[str, Any]], dict[str, Any], pd.DataFrame]:
+    """Knowledge-base records, a JSON report per image (the original system's keys), run metrics, and the same
+    records for the NG notifications.
 
     Report keys: ``anomaly_detection{is_anomaly, score, threshold, decision}``, ``similar_cases`` (past reviewed
     cases by image embedding, with their verdicts), ``generated_description``, ``processing_time``.
@@ -201,4 +216,4 @@ def record_inspections(
     values = {f"n_{k.lower()}": float(v) for k, v in counts.items()} | {"n_images": float(len(frame))}
     metrics = {k: {"value": v, "step": 0} for k, v in values.items()}
     logger.info("[%s] inspected %d images with %s: %s.", category["name"], len(frame), active.version, counts)
-    return frame, reports, metrics
+    return frame, reports, metrics, frame

@@ -16,14 +16,21 @@ def create_pipeline(**kwargs: object) -> Pipeline:
             ),
             node(
                 inspect_images,
-                ["inspection_images", "inspection_models", "model_version", "params:inspection"],
+                [
+                    "inspection_images",
+                    "inspection_models",
+                    "model_version",
+                    "params:inspection",
+                    "review_settings",
+                    "params:category",
+                ],
                 "inspection_maps",
                 name="inspect_images",
             ),
             node(
                 record_inspections,
                 ["inspection_maps", "inspection_images", "model_version", "params:category", "knowledge_base"],
-                ["inspection_records", "inspection_reports", "inspection_metrics"],
+                ["inspection_records", "inspection_reports", "inspection_metrics", "ng_notifications"],
                 name="record_inspections",
             ),
         ]
