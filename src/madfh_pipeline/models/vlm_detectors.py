@@ -192,7 +192,7 @@ HYBRID_DEFAULTS: dict[str, Any] = {
     "vlm": {},
     "sources": ["cnn", "vlm"],  # which sources to fuse (the bench fuses two CNN layer sets: "cnn", "cnn2")
     "cnn2": None,  # a second CNN source, standing in for the VLM where its weights are absent (bench only)
-    "fusion": "concat",  # concat (one bank, per-source normalisation) or late (a bank per source, z-scored maps)
+    "fusion": "late",  # late (a bank per source, z-scored maps; chosen in bench/fusion.py) or concat (one bank)
     "weights": None,  # per-source weights (default equal)
     "neighbourhood": 3,
     "bank_ratio": 0.01,
