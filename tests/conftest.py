@@ -12,13 +12,19 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["KEDRO_DISABLE_TELEMETRY"] = "1"
 os.environ["MPLBACKEND"] = "Agg"
 
+import copy  # noqa: E402
+import functools  # noqa: E402
+import hashlib  # noqa: E402
 import shutil  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
@@ -93,21 +99,29 @@ def write_mvtec_tree(
     channels: int = 1,
     counts: dict[str, int] | None = None,
     seed: int = 0,
+    free_names: bool = False,
 ) -> Path:
     """Write ``<root>/<category>/`` in the MVTec AD 2 layout and return the category folder.
 
     File names follow the official pattern ``NNN_<lighting>.png``; train/validation are ``regular``, test_public
     cycles through :data:`TREE_LIGHTING`, every ``test_public/bad`` image gets a 0/255 mask of the same size.
+    ``free_names=True`` names every file ``part_<n>.png`` instead (a user's own data: no lighting token at all).
     """
     counts = TREE_COUNTS | (counts or {})
     rng = np.random.default_rng(seed)
     cat_dir = Path(root) / category
+    serial = iter(range(10_000))
+
+    def stem(index: int, lighting: str) -> str:
+        return f"part_{next(serial)}" if free_names else f"{index:03d}_{lighting}"
+
     for split in ("train", "validation"):
         for i in range(counts[split]):
-            _write_png(cat_dir / split / "good" / f"{i:03d}_regular.png", _tree_image(rng, width, height, channels))
+            path = cat_dir / split / "good" / f"{stem(i, 'regular')}.png"
+            _write_png(path, _tree_image(rng, width, height, channels))
     for label in ("good", "bad"):
         for i in range(counts[f"test_public_{label}"]):
-            name = f"{i:03d}_{TREE_LIGHTING[i % len(TREE_LIGHTING)]}"
+            name = stem(i, TREE_LIGHTING[i % len(TREE_LIGHTING)])
             _write_png(cat_dir / "test_public" / label / f"{name}.png", _tree_image(rng, width, height, channels))
             if label == "bad":
                 _write_png(
@@ -115,9 +129,11 @@ def write_mvtec_tree(
                     _tree_mask(i, width, height),
                 )
     for i in range(counts["test_private"]):
-        _write_png(cat_dir / "test_private" / f"{i:03d}_regular.png", _tree_image(rng, width, height, channels))
+        path = cat_dir / "test_private" / f"{stem(i, 'regular')}.png"
+        _write_png(path, _tree_image(rng, width, height, channels))
     for i in range(counts["test_private_mixed"]):
-        _write_png(cat_dir / "test_private_mixed" / f"{i:03d}_mixed.png", _tree_image(rng, width, height, channels))
+        path = cat_dir / "test_private_mixed" / f"{stem(i, 'mixed')}.png"
+        _write_png(path, _tree_image(rng, width, height, channels))
     return cat_dir
 
 
@@ -159,13 +175,17 @@ def preprocessing_params() -> dict[str, Any]:
 def _test_env(project: Path) -> dict[str, dict[str, Any]]:
     """Contents of ``conf/test/``: data inside the temp project, tiny images, a 64x64 canvas, two workers.
 
-    Two deliberate differences from conf/base besides sizes:
+    Deliberate differences from conf/base besides sizes:
 
     - ``mlflow.yml`` gives the tracking URI as an absolute path. MLflow caches its store per URI *string*, so the
       relative ``sqlite:///mlflow.db`` of conf/base would keep writing to the first temp project's database for
       every later test of the same pytest process.
     - the demo writer renders with one process: the tiny images take milliseconds, while each spawned worker pays
       seconds of imports.
+    - evaluation runs in ``canvas`` mode (metrics named ``canvas.<pixel metric>``): the runs here test wiring,
+      tracking and reuse, not the native-resolution accumulator.
+    - the detectors are pinned to autoencoder + PatchCore, and the optional stages with tests of their own are off:
+      the MiniCPM-V branch and the learned explainer (no weights offline), and the inspection stage.
     """
     data_root = project / "data" / "01_raw" / "test_demo"
     return {
@@ -186,14 +206,25 @@ def _test_env(project: Path) -> dict[str, dict[str, Any]]:
                 "size_override": {"width": TEST_ENV_WIDTH, "height": TEST_ENV_HEIGHT},
             },
             "preprocessing": {"target_width": 64, "target_height": 64, "workers": 2},
-            # Detection at toy sizes: the e2e test checks wiring, tracking and reports, not detector quality.
+            # Detection at toy sizes: the e2e test checks wiring, tracking and reports, not detector quality. The
+            # autoencoder keeps conf/base's input_size: null (it trains at the canvas it is given).
             "detection": {
+                # Pinned, so a detector added to conf/base (e.g. the MiniCPM-V ones) does not change these runs.
+                "detectors": ["autoencoder", "patchcore"],
                 "runtime": {"device": "cpu", "batch_size": 8},
                 "models": {
-                    "autoencoder": {"config": {"input_size": 64, "depth": 4, "latent_dim": 32, "epochs": 1}},
+                    "autoencoder": {"config": {"depth": 4, "latent_dim": 32, "epochs": 1}},
                     "patchcore": {"config": {"max_bank_size": 256, "pool_max_patches": 5000}},
                 },
             },
+            # Canvas metrics: native-resolution metrics are not what these runs test (and cost a resize per map).
+            "evaluation": {"resolution": "canvas", "examples_per_group": 2},
+            # No MiniCPM-V weights in tests (the VLM tests use their own tiny model).
+            "vlm": {"enabled": False, "disabled_reason": "no MiniCPM-V weights in the test env"},
+            # Nor BLIP weights: explanations come from the grounded describer alone.
+            "explainer": {"learned": {"enabled": False, "disabled_reason": "no BLIP weights in the test env"}},
+            # The inspection stage (knowledge base, review) has its own tests; here it would only add time.
+            "inspection": {"enabled": False},
         },
         "catalog.yml": {
             "{category}.demo_images": {
@@ -257,3 +288,342 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_
     end_active_mlflow_runs()
     yield project
     end_active_mlflow_runs()
+
+
+# ---- test envs derived from ``test`` and the real CLI ----
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``override`` onto ``base`` key by key (what the project's soft merge does to parameters)."""
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_env(project: Path, name: str, parameters: Mapping[str, Any] | None = None) -> Path:
+    """``conf/<name>``: a copy of the ``test`` env with ``parameters`` merged into its parameters.yml.
+
+    Kedro reads base + one env, so an env that adds a category or a detector to the test setup copies ``test``.
+    """
+    env = project / "conf" / name
+    shutil.copytree(project / "conf" / "test", env)
+    current = yaml.safe_load((env / "parameters.yml").read_text())
+    (env / "parameters.yml").write_text(yaml.safe_dump(deep_merge(current, parameters or {}), sort_keys=False))
+    return env
+
+
+@pytest.fixture
+def make_env() -> Callable[..., Path]:
+    """Factory ``make_env(project, name, parameters)``: see :func:`write_env`."""
+    return write_env
+
+
+KEDRO_CLI = Path(sys.executable).with_name("kedro")
+
+
+def run_kedro(project: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """The real ``kedro`` command in ``project`` (no telemetry, no ``KEDRO_ENV`` of the developer's shell)."""
+    env = os.environ | {"DO_NOT_TRACK": "1", "KEDRO_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+    for name in ("KEDRO_ENV", "KEDRO_LOGGING_CONFIG"):
+        env.pop(name, None)
+    return subprocess.run(
+        [str(KEDRO_CLI), *args], cwd=project, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture
+def kedro_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Factory ``kedro_cli(project, *args, timeout=240)``: see :func:`run_kedro`."""
+    return run_kedro
+
+
+# ---- MLflow queries ----
+
+
+def mlflow_client(project: Path) -> Any:
+    import mlflow
+
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+
+
+def search_runs(project: Path, filter_string: str = "", nested: bool = False) -> list[Any]:
+    """Runs of the project's ``madfh_pipeline`` experiment matching ``filter_string``, oldest first.
+
+    Only the ``kedro run`` (parent) runs unless ``nested``: detector runs inherit the parent's ``pipeline`` tag.
+    """
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("madfh_pipeline")
+    assert experiment is not None, "kedro-mlflow did not create the experiment"
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"]
+    )
+    return runs if nested else [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+
+
+def child_runs(project: Path, parent: Any) -> dict[str, Any]:
+    """The nested detector runs of a ``kedro run``'s run, by detector (at most one each)."""
+    runs = search_runs(project, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", nested=True)
+    by_detector = {run.data.tags["detector"]: run for run in runs}
+    assert len(by_detector) == len(runs), f"more than one nested run for a detector: {[r.data.tags for r in runs]}"
+    return by_detector
+
+
+@pytest.fixture
+def detector_runs() -> Callable[[Path, Any], dict[str, Any]]:
+    """Factory ``detector_runs(project, parent_run)``: see :func:`child_runs`."""
+    return child_runs
+
+
+@pytest.fixture
+def mlflow_runs() -> Callable[..., list[Any]]:
+    """Factory ``mlflow_runs(project, filter_string="", nested=False)``: see :func:`search_runs`."""
+    return search_runs
+
+
+def metric_points(metrics: Mapping[str, Any]) -> list[tuple[str, float, int]]:
+    """(key, value, step) exactly as a detector run would receive them (NaN and non-numbers are left out)."""
+    from madfh_pipeline.tracking import _metric_points
+
+    return [(m.key, m.value, m.step) for key, value in metrics.items() for m in _metric_points(key, value, 0)]
+
+
+@pytest.fixture(scope="session")
+def mlflow_points() -> Callable[[Mapping[str, Any]], list[tuple[str, float, int]]]:
+    """Factory ``mlflow_points(metrics)``: see :func:`metric_points`."""
+    return metric_points
+
+
+# ---- processed stores and manifests, as preprocessing leaves them ----
+
+
+def manifest_row(
+    relpath: str,
+    split: str,
+    label: str,
+    lighting: str,
+    mask_relpath: str = "",
+    size: int = 32,
+    category: str = "widget",
+) -> dict[str, Any]:
+    """One manifest row with the columns of preprocessing's ``build_manifest`` (identity geometry, square images)."""
+    return {
+        "category": category,
+        "relpath": relpath,
+        "split": split,
+        "official_split": split,
+        "label": label,
+        "lighting": lighting,
+        "has_mask": bool(mask_relpath),
+        "mask_relpath": mask_relpath,
+        "path": f"/raw/{category}/{relpath}",
+        "src_width": size,
+        "src_height": size,
+        "dst_width": size,
+        "dst_height": size,
+        "scale_x": 1.0,
+        "scale_y": 1.0,
+        "pad_x": 0,
+        "pad_y": 0,
+    }
+
+
+@pytest.fixture(scope="session")
+def make_manifest_row() -> Callable[..., dict[str, Any]]:
+    """Factory ``make_manifest_row(relpath, split, label, lighting, mask_relpath="", size=32, category="widget")``."""
+    return manifest_row
+
+
+#: Default counts of :func:`write_processed_store`.
+STORE_COUNTS = {
+    "train": 4,
+    "validation": 3,
+    "test_public_good": 2,
+    "test_public_bad": 2,
+    "test_private": 1,
+    "test_private_mixed": 0,
+}
+STORE_LIGHTING = ("regular", "overexposed")
+
+
+def _store_worker(images: dict[str, np.ndarray]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def work(task: dict[str, Any]) -> dict[str, Any]:
+        from madfh_pipeline.imaging import write_png
+
+        for key in task["outputs"]:
+            target = Path(task["store_root"]) / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_png(target, images[key])
+        return {"relpath": task["relpath"], "status": "processed", "problem": ""}
+
+    return work
+
+
+def write_processed_store(
+    root: Path,
+    category: str = "widget",
+    size: int = 32,
+    counts: Mapping[str, int] | None = None,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, Any]:
+    """A processed image store and its manifest, written through ``ImageStore.apply`` as preprocessing does.
+
+    Good images are a uniform texture (128 ± 12), bad ones carry a saturated 8x8 blob with its 0/255 mask (one
+    position per index); test_public alternates ``regular`` / ``overexposed``. Each image's fingerprint in the
+    store's index is a hash of its pixels, so rewriting an image through this builder changes its fingerprint.
+    """
+    from madfh_pipeline.datasets.image_store import ImageStore, ImageWrites
+
+    counts = STORE_COUNTS | dict(counts or {})
+    rng = np.random.default_rng(seed)
+    rows: list[dict[str, Any]] = []
+    images: dict[str, np.ndarray] = {}
+
+    def good() -> np.ndarray:
+        return np.clip(128 + rng.integers(-12, 13, (size, size)), 0, 255).astype(np.uint8)
+
+    def add(relpath: str, split: str, label: str, lighting: str, image: np.ndarray, mask_rel: str = "") -> None:
+        rows.append(manifest_row(relpath, split, label, lighting, mask_rel, size=size, category=category))
+        images[relpath] = image
+
+    for split in ("train", "validation"):
+        for i in range(counts[split]):
+            add(f"{split}/good/{i:03d}_regular.png", split, "good", "regular", good())
+    for label in ("good", "bad"):
+        for i in range(counts[f"test_public_{label}"]):
+            lighting = STORE_LIGHTING[i % len(STORE_LIGHTING)]
+            name = f"{i:03d}_{lighting}"
+            image, mask_rel = good(), ""
+            if label == "bad":
+                mask = np.zeros((size, size), np.uint8)
+                top, left = (8 + 4 * i) % (size - 8), (10 + 4 * i) % (size - 8)
+                mask[top : top + 8, left : left + 8] = 255
+                image[mask > 0] = 255
+                mask_rel = f"test_public/ground_truth/bad/{name}_mask.png"
+                images[mask_rel] = mask
+            add(f"test_public/{label}/{name}.png", "test_public", label, lighting, image, mask_rel)
+    for split, lighting in (("test_private", "regular"), ("test_private_mixed", "mixed")):
+        for i in range(counts[split]):
+            add(f"{split}/{i:03d}_{lighting}.png", split, "unknown", lighting, good())
+    manifest = pd.DataFrame(rows)
+    for col in ("src_width", "src_height", "dst_width", "dst_height", "pad_x", "pad_y"):
+        manifest[col] = manifest[col].astype("int64")
+    store = ImageStore(root)
+    tasks = []
+    for row in rows:
+        outputs = [row["relpath"]] + ([row["mask_relpath"]] if row["mask_relpath"] else [])
+        digest = hashlib.blake2b(b"".join(images[k].tobytes() for k in outputs), digest_size=8).hexdigest()
+        tasks.append({"relpath": row["relpath"], "fingerprint": digest, "outputs": outputs})
+    store.apply(ImageWrites(tasks=tasks, worker=_store_worker(images), label=f"store {category}"))
+    return manifest, store
+
+
+@pytest.fixture(scope="session")
+def make_processed_store() -> Callable[..., tuple[pd.DataFrame, Any]]:
+    """Factory ``make_processed_store(root, category="widget", size=32, counts=None, seed=0)``.
+
+    See :func:`write_processed_store`; returns ``(manifest, store)``.
+    """
+    return write_processed_store
+
+
+# ---- a minimal registered detector, for tests of the detector plumbing (files, cache, nodes) ----
+
+
+@functools.cache
+def _mean_detector_class() -> type:
+    import torch
+
+    from madfh_pipeline.models.base import AnomalyDetector, DetectorOutput
+
+    class MeanDetector(AnomalyDetector):
+        """Learns the mean training image; the map is the channel-mean absolute difference, the score its maximum.
+
+        Registered as ``test_mean``. ``fit_calls`` counts fits across instances (to prove that a fit was skipped).
+        """
+
+        name = "test_mean"
+        fit_calls = 0
+
+        def __init__(self, config: dict[str, Any] | None = None) -> None:
+            super().__init__({"offset": 0.0, **(config or {})})
+            self.mean: torch.Tensor | None = None
+
+        def fit(self, batches: Callable[[], Any]) -> dict[str, Any]:
+            type(self).fit_calls += 1
+            total, count = None, 0
+            for batch in batches():
+                total = batch.sum(0) if total is None else total + batch.sum(0)
+                count += batch.shape[0]
+            if total is None:
+                raise ValueError("no images")
+            self.mean = total / count
+            return {"loss": [float(self.mean.mean())], "n_images": count}
+
+        def predict(self, batch: torch.Tensor) -> DetectorOutput:
+            if self.mean is None:
+                raise RuntimeError("not fitted")
+            maps = ((batch - self.mean.to(batch.device)).abs().mean(dim=1) + self.config["offset"]).cpu().numpy()
+            maps = maps.astype(np.float32)
+            return DetectorOutput(scores=maps.reshape(len(maps), -1).max(axis=1), maps=maps)
+
+        def get_state(self) -> dict[str, Any]:
+            assert self.mean is not None
+            return {"mean": self.mean, "shape": list(self.mean.shape), "notes": {"kind": "mean", "version": [1, 2]}}
+
+        def set_state(self, state: dict[str, Any]) -> None:
+            self.mean = state["mean"]
+
+    return MeanDetector
+
+
+@pytest.fixture(scope="session")
+def mean_detector() -> type:
+    """The ``test_mean`` detector class (registered once per session): fast to fit, exact to check."""
+    return _mean_detector_class()
+
+
+def rewrite_processed_images(store: Any, images: Mapping[str, np.ndarray]) -> None:
+    """Replace images of a processed store the way a changed source would: through a plan, with new fingerprints.
+
+    Every other image keeps its index row (status ``unchanged``), exactly as an incremental preprocessing run leaves
+    it; writing files directly would leave the index (and everything fingerprinted from it) unaware of the change.
+    """
+    from madfh_pipeline.datasets.image_store import ImageWrites
+
+    index = store.read_index()
+    tasks = []
+    for relpath, fingerprint in zip(index["relpath"], index["fingerprint"], strict=True):
+        if relpath in images:
+            fingerprint = hashlib.blake2b(images[relpath].tobytes(), digest_size=8).hexdigest()
+        tasks.append({"relpath": relpath, "fingerprint": fingerprint, "outputs": [relpath]})
+    store.apply(ImageWrites(tasks=tasks, worker=_store_worker(dict(images)), label="rewrite"))
+
+
+@pytest.fixture(scope="session")
+def rewrite_images() -> Callable[[Any, Mapping[str, np.ndarray]], None]:
+    """Factory ``rewrite_images(store, {relpath: image})``: see :func:`rewrite_processed_images`."""
+    return rewrite_processed_images
+
+
+def base_catalog_resolver() -> Any:
+    """The dataset factories of conf/base/catalog.yml, with conf/base's (secret-free) credentials.
+
+    Entries that need ``${globals:...}`` are left out: resolving those is the config loader's job, tested with a
+    session elsewhere.
+    """
+    from kedro.io.catalog_config_resolver import CatalogConfigResolver
+
+    config = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "catalog.yml").read_text())
+    credentials = yaml.safe_load((PROJECT_ROOT / "conf" / "base" / "credentials.yml").read_text()) or {}
+    kept = {k: v for k, v in config.items() if "${" not in yaml.safe_dump(v)}
+    return CatalogConfigResolver(kept, credentials=credentials)
+
+
+@pytest.fixture(scope="session")
+def catalog_resolver() -> Any:
+    """See :func:`base_catalog_resolver`."""
+    return base_catalog_resolver()

@@ -1,13 +1,15 @@
 """End to end in a throw-away copy of the project: generate demo data, break two files, run the wallplugs pipeline.
 
-Uses the ``test`` env of the ``kedro_project`` fixture (96x80 images, 64x64 canvas, two workers, data_source demo).
-Later stages of the category pipeline (training, evaluation) run too, with whatever the test env gives them; the
-assertions here are about preprocessing and MLflow bookkeeping only.
+Uses the ``test`` env of the ``kedro_project`` fixture (96x80 images, 64x64 canvas, two workers, data_source demo,
+canvas-resolution metrics). The first full run is checked for its preprocessing report and for what MLflow shows
+(one nested run per detector with its metrics, tags, model and figures); a second run with nothing changed must
+reuse every model and every map.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +23,17 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 
 CATEGORIES = ("wallplugs", "sheet_metal", "walnuts", "fruit_jelly")
+DETECTORS = ("autoencoder", "patchcore")
 #: Per category, from conftest.TEST_ENV_COUNTS: 6 train, 2 validation, 2 + 3 test_public, 1 + 1 private.
 N_IMAGES = 15
 N_MASKS = 3
-PREPROCESSING_OUTPUTS = ["wallplugs.manifest", "wallplugs.validation_summary", "wallplugs.preprocessing_metrics"]
+#: Images scored per detector after the two broken files: 2 validation + 4 test_public + 2 private.
+N_SCORED = 8
+#: The test env evaluates at the canvas resolution, so pixel metrics carry the ``canvas.`` prefix (image metrics
+#: and thresholds do not): a canvas number can never be read as a benchmark (native) number.
+DETECTOR_METRICS = ("image_auroc", "canvas.au_pro_005", "canvas.seg_f1", "threshold_pixel", "threshold_image")
+DETECTOR_TAGS = ("detector", "git_commit", "data_source", "category", "kedro_env")
+FIGURES = ("heatmaps.png", "pro_curve.png", "roc.png", "score_histogram.png")
 
 
 def _run(project: Path, name: str, env: str = "test", **kwargs: Any) -> None:
@@ -39,19 +48,13 @@ def _end_leaked_runs() -> None:
         mlflow.end_run()
 
 
-def _runs(project: Path, pipeline: str) -> list[mlflow.entities.Run]:
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
-    experiment = client.get_experiment_by_name("madfh_pipeline")
-    assert experiment is not None, "kedro-mlflow did not create the experiment"
-    return client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.pipeline = '{pipeline}'",
-        order_by=["attributes.start_time ASC"],
-    )
-
-
 @pytest.mark.slow
-def test_demo_data_then_wallplugs(kedro_project: Path) -> None:
+def test_demo_data_then_wallplugs(
+    kedro_project: Path,
+    mlflow_runs: Callable[..., list[Any]],
+    detector_runs: Callable[[Path, Any], dict[str, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     project = kedro_project
     bootstrap_project(project)
 
@@ -62,7 +65,7 @@ def test_demo_data_then_wallplugs(kedro_project: Path) -> None:
     for category in CATEGORIES:
         files = list((project / "data/01_raw/test_demo" / category).rglob("*.png"))
         assert len(files) == N_IMAGES + N_MASKS, category
-    (demo_run,) = _runs(project, "demo_data")
+    (demo_run,) = mlflow_runs(project, "tags.pipeline = 'demo_data'")
     assert demo_run.info.status == "FINISHED"
     assert demo_run.data.tags["category"] == "fruit_jelly,sheet_metal,wallplugs,walnuts"
     assert demo_run.data.tags["data_source"] == "demo"
@@ -75,9 +78,11 @@ def test_demo_data_then_wallplugs(kedro_project: Path) -> None:
     orphan_image = "test_public/bad/" + mask.name.replace("_mask.png", ".png")
     assert (raw / orphan_image).is_file()
 
-    # 3. the category pipeline (with whatever later stages it has) completes and names both files
-    _run(project, "wallplugs")
+    # 3. the whole category pipeline (preprocessing, both detectors, evaluation, export) completes and names both files
+    with caplog.at_level(logging.INFO):
+        _run(project, "wallplugs")
     _end_leaked_runs()
+    assert "Results on test_public" in caplog.text  # the end-of-run summary
     report = json.loads((project / "data/08_reporting/wallplugs/validation_report.json").read_text())
     skipped = {s["file"]: s["problem"] for s in report["skipped"]}
     assert set(skipped) == {"train/good/002_regular.png", orphan_image}
@@ -109,27 +114,64 @@ def test_demo_data_then_wallplugs(kedro_project: Path) -> None:
     store = project / "data/02_intermediate/wallplugs"
     assert (store / "train/good/000_regular.png").is_file()
     assert not (store / "train/good/002_regular.png").exists()
+    for detector in DETECTORS:
+        metrics_report = json.loads((project / f"data/08_reporting/wallplugs/{detector}/metrics.json").read_text())
+        assert metrics_report["resolution"] == "canvas" and metrics_report["model"] == detector
+        assert set(metrics_report["test_public"]) >= {"all"}
+        submission = project / f"data/07_model_output/submission/{detector}/anomaly_images/wallplugs"
+        assert sorted(p.relative_to(submission).as_posix() for p in submission.rglob("*.tiff")) == [
+            "test_private/000_regular.tiff",
+            "test_private_mixed/000_mixed.tiff",
+        ]
 
-    (run,) = _runs(project, "wallplugs")
-    assert run.data.tags["category"] == "wallplugs"
-    assert run.data.tags["data_source"] == "demo"
-    assert run.data.tags["kedro_env"] == "test"
+    # 4. what the MLflow runs table shows: the parent run ...
+    (run,) = mlflow_runs(project, "tags.pipeline = 'wallplugs'")
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert (tags["category"], tags["data_source"], tags["kedro_env"]) == ("wallplugs", "demo", "test")
+    assert tags["model"] == "autoencoder,patchcore"
+    assert "--env=test" in tags["kedro_command"] and "--pipelines=wallplugs" in tags["kedro_command"]
     metrics = run.data.metrics
     assert metrics["wallplugs.preprocessing.n_skipped"] == 2.0
     assert metrics["wallplugs.preprocessing.n_usable"] == N_IMAGES - 2
     assert metrics["wallplugs.preprocessing.n_processed"] == N_IMAGES - 2
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "wallplugs/preprocessing")}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "preprocessing/wallplugs")}
     assert {
-        "wallplugs/preprocessing/validation_report.json",
-        "wallplugs/preprocessing/validation_report.md",
+        "preprocessing/wallplugs/validation_report.json",
+        "preprocessing/wallplugs/validation_report.md",
     } <= artifacts
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags.get("mlflow.experimentKind") == "custom_model_development"
 
-    # 4. nothing changed: the next run decodes nothing and says so (preprocessing only: the later stages were
-    #    exercised above and would only add minutes)
-    _run(project, "wallplugs", to_outputs=PREPROCESSING_OUTPUTS)
+    # ... and one nested run per detector, comparable row by row
+    children = detector_runs(project, run)
+    assert set(children) == set(DETECTORS)
+    for detector, child in children.items():
+        assert child.info.status == "FINISHED", detector
+        missing = [m for m in DETECTOR_METRICS if m not in child.data.metrics]
+        assert not missing, f"{detector} lacks {missing}; it has {sorted(child.data.metrics)}"
+        assert 0.0 <= child.data.metrics["image_auroc"] <= 1.0
+        assert child.data.metrics["reused_model"] == 0.0 and child.data.metrics["fit_seconds"] > 0
+        assert child.data.metrics["n_scored"] == N_SCORED
+        assert not any(k.startswith("wallplugs.") for k in child.data.metrics)  # short keys, comparable across runs
+        for tag in DETECTOR_TAGS:
+            assert child.data.tags.get(tag), f"{detector} run lacks tag {tag}"
+        assert (child.data.tags["detector"], child.data.tags["category"]) == (detector, "wallplugs")
+        assert (child.data.tags["data_source"], child.data.tags["kedro_env"]) == ("demo", "test")
+        assert child.data.tags["git_commit"] == tags["git_commit"]
+        model_files = [a.path for a in client.list_artifacts(child.info.run_id, "model")]
+        assert model_files == [f"model/{detector}.safetensors"], model_files
+        figures = sorted(a.path for a in client.list_artifacts(child.info.run_id, "figures"))
+        assert figures == [f"figures/{name}" for name in FIGURES]  # flat: no figures/figures/
+        assert "metrics.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
+
+    # 5. nothing changed: the next run decodes nothing, fits nothing, scores nothing, and says so
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _run(project, "wallplugs")
     _end_leaked_runs()
-    first, second = _runs(project, "wallplugs")
+    first, second = mlflow_runs(project, "tags.pipeline = 'wallplugs'")
     assert first.info.run_id == run.info.run_id
     metrics = second.data.metrics
     assert metrics["wallplugs.preprocessing.n_unchanged"] == N_IMAGES - 2
@@ -138,6 +180,24 @@ def test_demo_data_then_wallplugs(kedro_project: Path) -> None:
     report = json.loads((project / "data/08_reporting/wallplugs/validation_report.json").read_text())
     assert {s["file"] for s in report["skipped"]} == {"train/good/002_regular.png", orphan_image}
     assert len(pd.read_parquet(project / "data/03_primary/wallplugs/manifest.parquet")) == N_IMAGES - 2
+    for detector in DETECTORS:
+        assert f"{detector}: reusing the model saved at version" in caplog.text, detector
+        assert f"score {detector}: all {N_SCORED} maps reused" in caplog.text, detector
+    assert "Fitting " not in caplog.text
+    again = detector_runs(project, second)
+    assert set(again) == set(DETECTORS)
+    for detector, child in again.items():
+        assert child.data.metrics["reused_model"] == 1.0, detector
+        assert child.data.metrics["fit_seconds"] == 0.0, detector
+        assert child.data.metrics["n_scored"] == 0.0, detector
+        assert child.data.metrics["n_maps_reused"] == N_SCORED, detector
+        assert child.data.tags["reused_model"], detector  # the version it reused
+        # same model, same maps: the same numbers
+        assert child.data.metrics["image_auroc"] == children[detector].data.metrics["image_auroc"], detector
+
+    # the runner is named by its class (kedro-mlflow's own tag is an object address); session.run() without a runner
+    # runs the SequentialRunner
+    assert tags["runner"] == "SequentialRunner"
 
 
 # ---- MLflow run bookkeeping and running from a sub-folder (notebooks/) ----
@@ -150,19 +210,21 @@ def wallplugs_tree(kedro_project: Path, make_mvtec_tree: Callable[..., Path]) ->
     return make_mvtec_tree(kedro_project / "data/01_raw/test_demo", "wallplugs", width=96, height=80, channels=1)
 
 
-def test_each_session_closes_its_mlflow_run(kedro_project: Path, wallplugs_tree: Path) -> None:
+def test_each_session_closes_its_mlflow_run(
+    kedro_project: Path, wallplugs_tree: Path, mlflow_runs: Callable[..., list[Any]]
+) -> None:
     _run(kedro_project, "wallplugs", node_names=["wallplugs.validate_layout"])
     assert mlflow.active_run() is None
     _run(kedro_project, "wallplugs", node_names=["wallplugs.validate_layout"])
-    assert len(_runs(kedro_project, "wallplugs")) == 2
+    assert len(mlflow_runs(kedro_project, "tags.pipeline = 'wallplugs'")) == 2
 
 
-def test_failed_pipeline_closes_its_run_as_failed(kedro_project: Path) -> None:
+def test_failed_pipeline_closes_its_run_as_failed(kedro_project: Path, mlflow_runs: Callable[..., list[Any]]) -> None:
     bootstrap_project(kedro_project)
     (kedro_project / "data/01_raw/test_demo/wallplugs").mkdir(parents=True)  # empty: validate_layout raises
     with pytest.raises(Exception, match="No images found for category 'wallplugs'"):
         _run(kedro_project, "wallplugs", node_names=["wallplugs.validate_layout"])
-    (run,) = _runs(kedro_project, "wallplugs")
+    (run,) = mlflow_runs(kedro_project, "tags.pipeline = 'wallplugs'")
     assert run.info.status == "FAILED"
     assert mlflow.active_run() is None
 
@@ -198,11 +260,11 @@ def test_raw_root_is_relative_to_the_project_not_the_cwd(kedro_project: Path, mo
 
 
 def test_mlflow_db_is_in_the_project_root_from_a_subfolder(
-    kedro_project: Path, wallplugs_tree: Path, monkeypatch: pytest.MonkeyPatch
+    kedro_project: Path, wallplugs_tree: Path, monkeypatch: pytest.MonkeyPatch, mlflow_runs: Callable[..., list[Any]]
 ) -> None:
     notebooks = _subfolder_env(kedro_project, "sub", relative_mlflow=True)
     monkeypatch.chdir(notebooks)
     _run(kedro_project, "wallplugs", env="sub", node_names=["wallplugs.validate_layout"])
     _end_leaked_runs()
     assert not (notebooks / "mlflow.db").exists()
-    assert len(_runs(kedro_project, "wallplugs")) == 1  # logged in the project's database
+    assert len(mlflow_runs(kedro_project, "tags.pipeline = 'wallplugs'")) == 1  # logged in the project's database

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 #: Lighting tokens of test_public (``vial`` has one more, which is why unknown tokens only warn).
@@ -79,6 +79,15 @@ def parse_categories(configured: Mapping[str, Any] | None) -> dict[str, Category
             raise ValueError(
                 f"Category '{name}' under 'categories:' must give {', '.join(missing)} "
                 f"(name: {name}, the native width and height in pixels, and channels: 1 for gray / 3 for RGB)."
+            )
+        valid = {f.name for f in fields(CategorySpec)}
+        unknown = sorted(set(entry) - valid)
+        if unknown:
+            hint = (
+                " (official image counts are documented in docs/data.md, not configured)" if "counts" in unknown else ""
+            )
+            raise ValueError(
+                f"Category '{name}' has unknown key(s) {unknown}{hint}; valid keys: {', '.join(sorted(valid))}."
             )
         if entry["name"] != name:
             raise ValueError(f"Category entry '{name}' has name '{entry['name']}': the two must be the same.")

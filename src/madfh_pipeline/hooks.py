@@ -64,6 +64,14 @@ def kedro_command(run_params: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def runner_name(runner: Any) -> str:
+    """The runner's class name; Kedro records ``None`` (as a string) when the session falls back to its default."""
+    text = str(runner or "").strip()
+    if text in ("", "None"):
+        return "SequentialRunner"
+    return text.rsplit(".", 1)[-1].split(" ")[0].strip("<>'\"")
+
+
 def run_tags(
     run_params: dict[str, Any], params: dict[str, Any], categories: list[str], models: list[str] | None = None
 ) -> dict[str, str]:
@@ -115,7 +123,7 @@ class RunTagsHook:
             "learned_explainer": explainer_state,
             "kedro_command": kedro_command(run_params),
             # kedro-mlflow tags the runner's repr (an object address); its class name is what identifies it.
-            "runner": str(run_params.get("runner") or "SequentialRunner").rsplit(".", 1)[-1].split(" ")[0].strip("<>"),
+            "runner": runner_name(run_params.get("runner")),
             "mlflow.runName": _run_name(tags, runtime),
         }
         mlflow.set_tags(tags | extra)

@@ -89,11 +89,20 @@ def vlm_enabled(parameters: dict[str, Any]) -> bool:
 
 
 def _load_parameters(project_path: Path, env: str | None) -> dict[str, Any]:
-    """Parameters through the project's config loader (only used when no session gave them)."""
-    conf_source = Path(settings.CONF_SOURCE)
+    """Parameters through the project's own config loader (only used when no session gave them).
+
+    The loader class and its arguments come from this project's settings module, not from Kedro's global
+    ``settings``, which keep Kedro's defaults (destructive merges) until a project has been configured — e.g. when a
+    script or notebook calls :func:`register_pipelines` directly.
+    """
+    from madfh_pipeline import settings as project_settings
+
+    conf_source = Path(getattr(project_settings, "CONF_SOURCE", "conf"))
     if not conf_source.is_absolute():
         conf_source = project_path / conf_source
-    loader = settings.CONFIG_LOADER_CLASS(conf_source=str(conf_source), env=env, **settings.CONFIG_LOADER_ARGS)
+    loader_class = getattr(project_settings, "CONFIG_LOADER_CLASS", settings.CONFIG_LOADER_CLASS)
+    loader_args = dict(getattr(project_settings, "CONFIG_LOADER_ARGS", {}))
+    loader = loader_class(conf_source=str(conf_source), env=env, **loader_args)
     return dict(loader["parameters"])
 
 

@@ -62,3 +62,15 @@ def make_app() -> Callable[..., AppTest]:
         return at
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _restore_main_module() -> Iterator[None]:
+    """AppTest runs an app script as ``__main__`` and leaves ``sys.modules["__main__"]`` pointing at it.
+
+    Multiprocessing children (spawn, forkserver) re-run the parent's ``__main__``: without this, tests that start
+    worker processes after an app test would start the review app in every worker.
+    """
+    saved = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = saved

@@ -1,7 +1,8 @@
-"""Tests of DetectorDataset: versioned save/load round trips of fitted detectors, and clear errors."""
+"""Tests of DetectorDataset (versioned safetensors files, logged to the detector's run) and of the model cache."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ import pytest
 import torch
 from kedro.io import DatasetError, Version
 
-from madfh_pipeline.datasets import DetectorDataset
+from madfh_pipeline.datasets import DetectorDataset, ModelCache, ModelCacheDataset
+from madfh_pipeline.datasets import detector as detector_module
 from madfh_pipeline.models.base import AnomalyDetector, Thresholds, build_detector
 
 TINY = {
@@ -60,16 +62,16 @@ def _assert_same_detector(loaded: AnomalyDetector, original: AnomalyDetector) ->
 @pytest.mark.parametrize("name", ["autoencoder", "patchcore"])
 def test_versioned_round_trip(tmp_path: Path, name: str, autoencoder: AnomalyDetector) -> None:
     detector = autoencoder if name == "autoencoder" else _fitted(name)
-    filepath = tmp_path / "06_models" / f"{name}.pt"
+    filepath = tmp_path / "06_models" / f"{name}.safetensors"
     DetectorDataset(str(filepath), version=Version(None, None)).save(detector)
     versions = list(filepath.iterdir())
-    assert len(versions) == 1 and (versions[0] / f"{name}.pt").is_file()  # <filepath>/<version>/<name>.pt
+    assert len(versions) == 1 and (versions[0] / f"{name}.safetensors").is_file()  # <filepath>/<version>/<name>
     loaded = DetectorDataset(str(filepath), version=Version(None, None)).load()
     _assert_same_detector(loaded, detector)
 
 
 def test_latest_version_is_loaded_and_older_ones_stay_reachable(tmp_path: Path, autoencoder: AnomalyDetector) -> None:
-    filepath = str(tmp_path / "model.pt")
+    filepath = str(tmp_path / "model.safetensors")
     saved: list[str] = []
     for pixel in (1.0, 2.0):
         autoencoder.thresholds = Thresholds(pixel=pixel, image=pixel * 10)
@@ -84,32 +86,111 @@ def test_latest_version_is_loaded_and_older_ones_stay_reachable(tmp_path: Path, 
 
 def test_unversioned_round_trip_and_device(tmp_path: Path, autoencoder: AnomalyDetector) -> None:
     autoencoder.thresholds = Thresholds(pixel=0.25, image=0.75, rule="r")
-    dataset = DetectorDataset(str(tmp_path / "m.pt"), device="cpu")
+    dataset = DetectorDataset(str(tmp_path / "m.safetensors"), device="cpu")
     dataset.save(autoencoder)
     loaded = dataset.load()
     assert loaded.device == torch.device("cpu")
     _assert_same_detector(loaded, autoencoder)
-    assert dataset._describe() == {"filepath": str(tmp_path / "m.pt"), "version": None, "device": "cpu"}
+    assert dataset._describe() == {"filepath": str(tmp_path / "m.safetensors"), "version": None, "device": "cpu"}
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere" / "model.pt"
-    with pytest.raises(DatasetError, match=r"No saved detector at .*nowhere/model\.pt.*Run the training pipeline"):
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    with pytest.raises(DatasetError, match=r"No saved detector at .*nowhere/model\.safetensors.*Run the training"):
         DetectorDataset(str(missing)).load()
-    with pytest.raises(DatasetError, match=r"Did not find any versions.*nowhere/model\.pt"):
+    with pytest.raises(DatasetError, match=r"Did not find any versions.*nowhere/model\.safetensors"):
         DetectorDataset(str(missing), version=Version(None, None)).load()
 
 
 def test_a_foreign_file_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(2)}, path)
-    with pytest.raises(DatasetError, match="not a madfh_pipeline detector file"):
+    with pytest.raises(DatasetError, match="not a safetensors detector file"):
         DetectorDataset(str(path)).load()
 
 
 @pytest.mark.parametrize("version", [None, Version(None, None)], ids=["plain", "versioned"])
 def test_exists_after_save(tmp_path: Path, autoencoder: AnomalyDetector, version: Any) -> None:
-    dataset = DetectorDataset(str(tmp_path / "m.pt"), version=version)
+    dataset = DetectorDataset(str(tmp_path / "m.safetensors"), version=version)
     assert not dataset.exists()
     dataset.save(autoencoder)
-    assert DetectorDataset(str(tmp_path / "m.pt"), version=version).exists()
+    assert DetectorDataset(str(tmp_path / "m.safetensors"), version=version).exists()
+
+
+# ---- logging the model file to the detector's MLflow run ----
+
+
+def test_saved_model_is_logged_to_its_detector_run(
+    tmp_path: Path, autoencoder: AnomalyDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logged: list[tuple[str, str, Path, str | None]] = []
+    monkeypatch.setattr(
+        detector_module.tracking,
+        "log_artifact",
+        lambda *args: logged.append(args),  # type: ignore[arg-type]
+    )
+    dataset = DetectorDataset(
+        str(tmp_path / "ae.safetensors"), category="wallplugs", detector="autoencoder", version=Version(None, None)
+    )
+    dataset.save(autoencoder)
+    ((category, detector, path, folder),) = logged
+    assert (category, detector, folder) == ("wallplugs", "autoencoder", "model")
+    assert Path(path).is_file() and Path(path).name == "ae.safetensors"
+    DetectorDataset(str(tmp_path / "plain.safetensors")).save(autoencoder)  # no category/detector: nothing logged
+    assert len(logged) == 1
+
+
+# ---- the model cache: earlier versions, found by what they were trained on ----
+
+
+def _versioned_saves(root: Path, detector: AnomalyDetector, fingerprints: list[str]) -> list[str]:
+    versions = []
+    for i, fingerprint in enumerate(fingerprints):
+        detector.provenance = {"training_fingerprint": fingerprint}
+        detector.thresholds = Thresholds(pixel=float(i))
+        dataset = DetectorDataset(str(root), version=Version(None, None))
+        dataset.save(detector)
+        versions.append(dataset.resolve_save_version())
+        time.sleep(0.002)  # versions are millisecond timestamps
+    return versions
+
+
+def test_cache_finds_a_model_by_training_fingerprint_newest_first(tmp_path: Path, mean_detector: type) -> None:
+    detector = mean_detector()
+    detector.fit(lambda: [torch.rand(2, 1, 8, 8)])
+    root = tmp_path / "06_models" / "w" / "mean.safetensors"
+    versions = _versioned_saves(root, detector, ["A", "B", "A"])
+    cache = ModelCacheDataset(filepath=str(root)).load()
+    assert isinstance(cache, ModelCache)
+    assert [p.parent.name for p in cache.versions()] == versions[::-1]
+    found, version = cache.find("A")
+    assert version == versions[2] and found.thresholds.pixel == 2.0  # the newest of the two "A" models
+    assert found.provenance == {"training_fingerprint": "A"}
+    found, version = cache.find("B")
+    assert version == versions[1] and found.thresholds.pixel == 1.0
+    assert cache.find("C") is None
+
+
+def test_cache_skips_files_it_cannot_read(
+    tmp_path: Path, mean_detector: type, caplog: pytest.LogCaptureFixture
+) -> None:
+    detector = mean_detector()
+    detector.fit(lambda: [torch.rand(2, 1, 8, 8)])
+    root = tmp_path / "mean.safetensors"
+    (version,) = _versioned_saves(root, detector, ["A"])
+    newer = root / "9999-12-31T00.00.00.000Z"  # sorts first
+    newer.mkdir()
+    torch.save({"weights": torch.zeros(1)}, newer / root.name)  # a legacy pickle where a model should be
+    with caplog.at_level(logging.INFO, logger="madfh_pipeline.datasets.detector"):
+        found = ModelCache(root).find("A")
+    assert found is not None and found[1] == version
+    assert any("Not reusing" in r.getMessage() and str(newer) in r.getMessage() for r in caplog.records)
+
+
+def test_empty_cache_and_read_only_dataset(tmp_path: Path) -> None:
+    assert ModelCache(tmp_path / "never_saved.safetensors").versions() == []
+    assert ModelCache(tmp_path / "never_saved.safetensors").find("A") is None
+    dataset = ModelCacheDataset(filepath=str(tmp_path / "never_saved.safetensors"))
+    assert dataset.exists()  # an empty cache is a valid cache
+    with pytest.raises(DatasetError, match="read-only"):
+        dataset.save({"model": "anything"})  # type: ignore[arg-type]

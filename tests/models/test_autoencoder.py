@@ -90,10 +90,56 @@ def test_registered_under_its_name() -> None:
 
 def test_defaults_match_the_original_prototype() -> None:
     config = AutoencoderDetector().config
-    expected = {"input_size": 1024, "latent_dim": 512, "depth": 8, "lr": 1e-4, "batch_size": 16, "epochs": 1}
+    expected = {"latent_dim": 512, "depth": 8, "lr": 1e-4, "batch_size": 16, "epochs": 1}
     assert {k: config[k] for k in expected} == expected
     assert config["loss"] == "mse" and config["score_reduction"] == "max" and config["smoothing_sigma"] == 4.0
+    # The one deliberate difference: the prototype's fixed 1024² became "the size of the training images".
+    assert config["input_size"] is None
     assert config == DEFAULT_CONFIG
+
+
+def _sized(height: int, width: int, n: int = 4) -> torch.Tensor:
+    return (0.5 + 0.1 * torch.rand(n, 1, height, width, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+
+
+@pytest.mark.parametrize(("height", "width", "depth", "side"), [(48, 40, 4, 48), (40, 50, 4, 64), (20, 20, 3, 24)])
+def test_input_size_null_trains_at_the_image_size(
+    height: int, width: int, depth: int, side: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``input_size: null``: the larger image side, rounded up to a multiple of 2**depth (what the network needs)."""
+    config = {**TINY, "input_size": None, "depth": depth, "epochs": 1}
+    detector = AutoencoderDetector(config)
+    with caplog.at_level(logging.INFO, logger="madfh_pipeline.models.autoencoder"):
+        detector.fit(source(_sized(height, width)))
+    assert detector.input_size == side and detector.model.input_size == side
+    assert detector.config["input_size"] is None  # the config says what was asked; the state what it became
+    assert detector.get_state()["input_size"] == side
+    assert f"input size {side}²" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert detector.predict(_sized(height, width, 2)).maps.shape == (2, height, width)
+
+
+def test_input_size_null_survives_save_and_load(tmp_path: Path) -> None:
+    detector = AutoencoderDetector({**TINY, "input_size": None, "epochs": 1})
+    detector.fit(source(_sized(48, 48)))
+    save_detector(detector, tmp_path / "ae.safetensors")
+    restored = load_detector(tmp_path / "ae.safetensors")
+    assert restored.config["input_size"] is None and restored.input_size == 48
+    probe = _sized(48, 48, 2)
+    np.testing.assert_array_equal(restored.predict(probe).maps, detector.predict(probe).maps)
+
+
+def test_configured_input_size_larger_than_the_images_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="madfh_pipeline.models.autoencoder"):
+        AutoencoderDetector({**TINY, "epochs": 1}).fit(source(_sized(32, 32)))  # input_size 64: 4x the pixels
+    (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    message = warning.getMessage()
+    assert "input_size 64 upscales the 32x32 images" in message and "4.0x the pixels" in message
+    assert "input_size: null" in message  # says how to avoid it
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="madfh_pipeline.models.autoencoder"):
+        AutoencoderDetector({**TINY, "epochs": 1}).fit(source(_sized(SIZE, SIZE)))  # same size: nothing to say
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_loss_decreases_over_epochs(trained: tuple[AutoencoderDetector, dict[str, list[float]]]) -> None:

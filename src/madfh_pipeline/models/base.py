@@ -182,6 +182,16 @@ def _import_builtin_detectors() -> None:
             logger.debug("Could not import %s while looking for detectors: %s", info.name, exc)
 
 
+def _register_loaded_subclasses() -> None:
+    """Register every imported subclass with a ``name``, also those imported before the registry was reset."""
+    stack = list(AnomalyDetector.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if "name" in cls.__dict__:
+            AnomalyDetector.registry.setdefault(cls.name, cls)
+
+
 def detector_class(name: str, module: str | None = None) -> type[AnomalyDetector]:
     """The registered detector class called ``name``; ``module`` is imported first when given (plug-ins)."""
     if module:
@@ -191,6 +201,7 @@ def detector_class(name: str, module: str | None = None) -> type[AnomalyDetector
             raise ValueError(f"Detector '{name}': cannot import its module '{module}': {exc}") from exc
     if name not in AnomalyDetector.registry:
         _import_builtin_detectors()
+        _register_loaded_subclasses()
     try:
         return AnomalyDetector.registry[name]
     except KeyError:
@@ -346,10 +357,14 @@ def convert_legacy_file(source: str | Path, target: str | Path | None = None) ->
     try:
         payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's message ends with advice to retry with weights_only=False, i.e. to run the file: keep only its
+        # diagnosis (which global the file wanted to import), never that advice.
+        lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
+        detail = lines[0] if lines else type(exc).__name__
         raise ModelFileError(
-            f"'{source}' cannot be read as plain tensors and values ({type(exc).__name__}: {exc}); it is refused. "
+            f"'{source}' holds more than tensors and plain values ({detail}); it is refused and nothing in it ran. "
             "Retrain the model instead."
-        ) from exc
+        ) from None
     if not isinstance(payload, dict) or payload.get("format") != LEGACY_FORMAT:
         raise ModelFileError(f"'{source}' is not a {LEGACY_FORMAT} detector file.")
     detector = build_detector(payload["name"], payload["config"])

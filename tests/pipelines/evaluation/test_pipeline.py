@@ -4,26 +4,54 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.io.catalog_config_resolver import CatalogConfigResolver
 from kedro.runner import SequentialRunner
+from kedro_datasets.json import JSONDataset
 from matplotlib.figure import Figure
 
-from madfh_pipeline.datasets import ImageStore, MapStore
+from madfh_pipeline.datasets import (
+    ImageStore,
+    MapStore,
+    MapStoreDataset,
+    ModelCacheDataset,
+    SubmissionDataset,
+)
 from madfh_pipeline.pipeline_registry import namespaced, per_detector
 from madfh_pipeline.pipelines import detection, evaluation
 
 CATALOG = Path(__file__).resolve().parents[3] / "conf" / "base" / "catalog.yml"
 SIZE = 32
-NODES = ("score_images", "compute_metrics", "plot_evaluation", "export_submission")
-OUTPUTS = ("evaluation_report", "evaluation_metrics", "evaluation_figures", "submission_summary", "inference_metrics")
+NODES = (
+    "score_images",
+    "collect_scores",
+    "compute_metrics",
+    "explain_detections",
+    "plot_evaluation",
+    "export_submission",
+)
+#: What evaluation leaves for the catalog (nothing else escapes the template).
+OUTPUTS = (
+    "evaluation_metrics",
+    "evaluation_figures",
+    "explanation_metrics",
+    "explanation_report",
+    "inference_metrics",
+    "submission",
+    "submission_summary",
+)
+
+
+def _node(pipe: Any, name: str) -> Any:
+    (found,) = [n for n in pipe.nodes if n.name.endswith(name)]
+    return found
 
 
 def test_template_wiring() -> None:
@@ -33,15 +61,22 @@ def test_template_wiring() -> None:
         "model",
         "manifest",
         "image_store",
-        "anomaly_maps",
-        "submission",
+        "raw_masks",
         "params:evaluation",
         "params:runtime",
+        "params:explainer",
+        "params:category",
+        "params:data_source",
     }
     assert template.outputs() == set(OUTPUTS)
-    [score] = [n for n in template.nodes if n.name == "score_images"]
-    assert score.inputs == ["model", "manifest", "image_store", "anomaly_maps", "params:evaluation", "params:runtime"]
-    assert score.outputs == ["scores", "inference_metrics"]
+    score = _node(template, "score_images")
+    assert score.inputs == ["model", "manifest", "image_store", "params:evaluation", "params:runtime"]
+    assert score.outputs == ["anomaly_maps"]  # the map store is written by the node's output, not into an input
+    assert _node(template, "collect_scores").outputs == ["scores", "inference_metrics"]
+    export = _node(template, "export_submission")
+    assert export.outputs == ["submission", "submission_summary"]
+    for name in ("collect_scores", "compute_metrics", "plot_evaluation", "export_submission"):
+        assert "anomaly_maps" in _node(template, name).inputs, name
 
 
 def test_per_category_per_detector_copy() -> None:
@@ -51,10 +86,12 @@ def test_per_category_per_detector_copy() -> None:
         "wallplugs.patchcore.model",
         "wallplugs.manifest",
         "wallplugs.image_store",
-        "wallplugs.patchcore.anomaly_maps",
-        "wallplugs.patchcore.submission",
+        "wallplugs.raw_masks",
         "params:evaluation",
         "params:detection.runtime",
+        "params:explainer",
+        "params:categories.wallplugs",
+        "params:data_source",
     }
     assert pipe.outputs() == {f"wallplugs.patchcore.{o}" for o in OUTPUTS}
     for n in pipe.nodes:
@@ -74,108 +111,93 @@ def test_training_feeds_evaluation() -> None:
     assert pipe.inputs() == {
         "wallplugs.manifest",
         "wallplugs.image_store",
-        "wallplugs.patchcore.anomaly_maps",
-        "wallplugs.patchcore.submission",
+        "wallplugs.raw_masks",
+        "wallplugs.patchcore.model_cache",
+        "params:categories.wallplugs",
+        "params:data_source",
         "params:detection.models.patchcore",
         "params:detection.runtime",
         "params:detection.thresholds",
         "params:evaluation",
+        "params:explainer",
     }
     names = [n.name for n in pipe.nodes]
     assert names.index("wallplugs.patchcore.calibrate_thresholds") < names.index("wallplugs.patchcore.score_images")
+    assert names.index("wallplugs.patchcore.score_images") < names.index("wallplugs.patchcore.compute_metrics")
 
 
-def test_every_dataset_has_a_catalog_entry() -> None:
+def test_every_dataset_has_a_catalog_entry(catalog_resolver: CatalogConfigResolver) -> None:
     config = yaml.safe_load(CATALOG.read_text())
-    resolver = CatalogConfigResolver({k: v for k, v in config.items() if "${" not in yaml.safe_dump(v)})
+    resolver = catalog_resolver
     pipe = namespaced(per_detector(evaluation.create_pipeline(), "autoencoder"), "can")
     for name in pipe.datasets():
-        if not name.startswith("params:"):
+        if not name.startswith("params:") and name != "can.raw_masks":  # raw_masks: ${globals:raw_root}
             assert resolver.match_dataset_pattern(name) is not None, name
+    assert "{category}.raw_masks" in config
+    assert config["{category}.raw_masks"]["read_only"] is True
     maps = resolver.resolve_pattern("can.autoencoder.anomaly_maps")
     assert maps == {"type": "madfh_pipeline.datasets.MapStoreDataset", "path": "data/07_model_output/can/autoencoder"}
+    submission = resolver.resolve_pattern("can.autoencoder.submission")
+    assert submission["type"] == "madfh_pipeline.datasets.SubmissionDataset"
     figures = resolver.resolve_pattern("can.autoencoder.evaluation_figures")
+    assert figures["type"] == "madfh_pipeline.datasets.DetectorArtifactDataset"
+    assert (figures["category"], figures["detector"], figures["artifact_path"]) == ("can", "autoencoder", "figures")
     assert figures["dataset"]["type"] == "matplotlib.MatplotlibDataset"
-    metrics = resolver.resolve_pattern("can.autoencoder.evaluation_metrics")
-    assert metrics["type"] == "kedro_mlflow.io.metrics.MlflowMetricsHistoryDataset"
+    for name in ("evaluation_metrics", "inference_metrics"):
+        metrics = resolver.resolve_pattern(f"can.autoencoder.{name}")
+        assert metrics == {
+            "type": "madfh_pipeline.datasets.DetectorMetricsDataset",
+            "category": "can",
+            "detector": "autoencoder",
+        }, name
+    report = resolver.resolve_pattern("can.autoencoder.evaluation_report")
+    assert report["dataset"]["filepath"] == "data/08_reporting/can/autoencoder/metrics.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# A slice run: training + evaluation of the autoencoder on a tiny generated store
+# A slice run: training + evaluation of the autoencoder on a tiny generated store, with the real store datasets
 # ----------------------------------------------------------------------------------------------------------------------
 
-
-def _tiny_store(root: Path) -> pd.DataFrame:
-    """Uniform texture for good images, a bright blob (with its mask) for bad ones; manifest columns as preprocessing."""
-    rng = np.random.default_rng(0)
-    store = ImageStore(root)
-    rows = []
-
-    def add(relpath: str, split: str, label: str, lighting: str, image: np.ndarray, mask_rel: str = "") -> None:
-        store.write(relpath, image)
-        rows.append(
-            {
-                "category": "wallplugs",
-                "relpath": relpath,
-                "split": split,
-                "official_split": split,
-                "label": label,
-                "lighting": lighting,
-                "has_mask": bool(mask_rel),
-                "mask_relpath": mask_rel,
-                "path": f"/raw/wallplugs/{relpath}",
-                **{"src_width": SIZE, "src_height": SIZE, "dst_width": SIZE, "dst_height": SIZE},
-                **{"scale_x": 1.0, "scale_y": 1.0, "pad_x": 0, "pad_y": 0},
-            }
-        )
-
-    def good() -> np.ndarray:
-        return np.clip(128 + rng.integers(-10, 11, (SIZE, SIZE)), 0, 255).astype(np.uint8)
-
-    for i in range(4):
-        add(f"train/good/{i:03d}_regular.png", "train", "good", "regular", good())
-    for i in range(2):
-        add(f"validation/good/{i:03d}_regular.png", "validation", "good", "regular", good())
-    for i, lighting in enumerate(("regular", "overexposed")):
-        add(f"test_public/good/{i:03d}_{lighting}.png", "test_public", "good", lighting, good())
-        mask = np.zeros((SIZE, SIZE), np.uint8)
-        mask[8:16, 10 + 4 * i : 18 + 4 * i] = 255
-        image = good()
-        image[mask > 0] = 255
-        mask_rel = f"test_public/ground_truth/bad/{i:03d}_{lighting}_mask.png"
-        store.write(mask_rel, mask)
-        add(f"test_public/bad/{i:03d}_{lighting}.png", "test_public", "bad", lighting, image, mask_rel)
-    add("test_private/000_regular.png", "test_private", "unknown", "regular", good())
-    add("test_private_mixed/000_mixed.png", "test_private_mixed", "unknown", "mixed", good())
-    return pd.DataFrame(rows)
+NS = "wallplugs.autoencoder"
+AUTOENCODER = {"input_size": 32, "depth": 3, "epochs": 2, "latent_dim": 16, "batch_size": 4, "smoothing_sigma": 1.0}
 
 
-def _catalog(tmp_path: Path, manifest: pd.DataFrame) -> DataCatalog:
-    ns = "wallplugs.autoencoder"
-    config = {"input_size": 32, "depth": 3, "epochs": 2, "latent_dim": 16, "batch_size": 4, "smoothing_sigma": 1.0}
+def _catalog(tmp_path: Path, manifest: pd.DataFrame, store: ImageStore) -> DataCatalog:
     datasets: dict[str, Any] = {
         "wallplugs.manifest": MemoryDataset(manifest),
-        "wallplugs.image_store": MemoryDataset(ImageStore(tmp_path / "store"), copy_mode="assign"),
-        f"{ns}.anomaly_maps": MemoryDataset(MapStore(tmp_path / "maps"), copy_mode="assign"),
-        f"{ns}.submission": MemoryDataset(MapStore(tmp_path / "submission"), copy_mode="assign"),
-        f"{ns}.fitted_model": MemoryDataset(copy_mode="assign"),
-        f"{ns}.model": MemoryDataset(copy_mode="assign"),
-        f"{ns}.evaluation_figures": MemoryDataset(copy_mode="assign"),
-        "params:detection.models.autoencoder": MemoryDataset({"name": "autoencoder", "config": config}),
+        "wallplugs.image_store": MemoryDataset(store, copy_mode="assign"),
+        "wallplugs.raw_masks": MemoryDataset(ImageStore(store.root, read_only=True), copy_mode="assign"),
+        f"{NS}.model_cache": ModelCacheDataset(filepath=str(tmp_path / "models" / "autoencoder.safetensors")),
+        f"{NS}.anomaly_maps": MapStoreDataset(path=str(tmp_path / "maps")),
+        f"{NS}.submission": SubmissionDataset(path=str(tmp_path / "submission")),
+        "params:detection.models.autoencoder": MemoryDataset({"name": "autoencoder", "config": AUTOENCODER}),
         "params:detection.runtime": MemoryDataset({"device": "cpu", "batch_size": 4}),
         "params:detection.thresholds": MemoryDataset({"pixel_k": 3.0, "image_rule": "mean_std", "image_k": 3.0}),
-        "params:evaluation": MemoryDataset({"splits": ["validation", "test_public"], "examples_per_group": 2}),
+        "params:evaluation": MemoryDataset(
+            {"splits": ["validation", "test_public"], "examples_per_group": 2, "resolution": "canvas"}
+        ),
+        "params:explainer": MemoryDataset({"splits": ["test_public"]}),
+        "params:categories.wallplugs": MemoryDataset(
+            {"name": "wallplugs", "width": SIZE, "height": SIZE, "channels": 1}
+        ),
+        "params:data_source": MemoryDataset("demo"),
     }
-    for name in ("training_metrics", "scores", *OUTPUTS):
-        datasets.setdefault(f"{ns}.{name}", MemoryDataset())
+    for name in ("fitted_model", "model", "evaluation_figures", "scores", "explanations"):
+        datasets[f"{NS}.{name}"] = MemoryDataset(copy_mode="assign")
+    # consumed by plot_evaluation, so a MemoryDataset would be released by the runner: a file, as in the catalog
+    datasets[f"{NS}.evaluation_report"] = JSONDataset(filepath=str(tmp_path / "reporting" / "metrics.json"))
     return DataCatalog(datasets=datasets)
 
 
 @pytest.fixture(scope="module")
-def slice_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DataCatalog, dict[str, Any]]:
+def slice_run(
+    tmp_path_factory: pytest.TempPathFactory, make_processed_store: Callable[..., tuple[pd.DataFrame, ImageStore]]
+) -> tuple[Path, DataCatalog, dict[str, Any]]:
     tmp_path = tmp_path_factory.mktemp("slice")
-    manifest = _tiny_store(tmp_path / "store")
-    catalog = _catalog(tmp_path, manifest)
+    manifest, store = make_processed_store(
+        tmp_path / "store", "wallplugs", SIZE, {"validation": 2, "test_private_mixed": 1}
+    )
+    catalog = _catalog(tmp_path, manifest, store)
     pipe = namespaced(
         per_detector(detection.create_pipeline(), "autoencoder")
         + per_detector(evaluation.create_pipeline(), "autoencoder"),
@@ -186,14 +208,16 @@ def slice_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DataCatal
 
 
 def test_slice_run_produces_every_output(slice_run: tuple[Path, DataCatalog, dict[str, Any]]) -> None:
-    _, _, outputs = slice_run
-    assert set(outputs) == {f"wallplugs.autoencoder.{o}" for o in (*OUTPUTS, "training_metrics")}
+    tmp_path, _, outputs = slice_run
+    free = set(OUTPUTS) - {"submission"} | {"training_metrics", "detector_params", "calibration_metrics"}
+    assert set(outputs) >= {f"{NS}.{o}" for o in free}
+    assert (tmp_path / "reporting" / "metrics.json").is_file()
 
 
 def test_slice_run_metrics_report(slice_run: tuple[Path, DataCatalog, dict[str, Any]]) -> None:
     _, catalog, _ = slice_run
-    report = catalog.load("wallplugs.autoencoder.evaluation_report")
-    assert report["model"] == "autoencoder"
+    report = catalog.load(f"{NS}.evaluation_report")
+    assert report["model"] == "autoencoder" and report["resolution"] == "canvas"
     thresholds = report["thresholds"]
     assert thresholds["pixel"] > thresholds["stats"]["pixel_mean"] > 0
     assert thresholds["stats"]["n_validation"] == 2.0
@@ -204,6 +228,8 @@ def test_slice_run_metrics_report(slice_run: tuple[Path, DataCatalog, dict[str, 
         "image_auroc",
         "image_aupr",
         "class_f1",
+        "image_recall",
+        "image_false_alarm_rate",
         "pixel_auroc",
         "au_pro_005",
         "au_pro_03",
@@ -220,21 +246,31 @@ def test_slice_run_metrics_report(slice_run: tuple[Path, DataCatalog, dict[str, 
     assert set(report["validation"]) == {"n_images", "image_false_alarm_rate", "mean_score"}
     assert report["validation"]["n_images"] == 2.0
 
-    flat = catalog.load("wallplugs.autoencoder.evaluation_metrics")
-    assert {"test_public.all.image_auroc", "test_public.all.au_pro_005", "test_public.all.seg_f1"} <= set(flat)
-    assert {"test_public.regular.image_auroc", "test_public.overexposed.au_pro_005"} <= set(flat)
-    assert {"validation.image_false_alarm_rate", "validation.mean_score"} <= set(flat)
-    assert all(v["step"] == 0 and math.isfinite(v["value"]) for v in flat.values())
-    assert flat["test_public.all.image_auroc"]["value"] == overall["image_auroc"]
+    flat = catalog.load(f"{NS}.evaluation_metrics")
+    assert {"image_auroc", "canvas.au_pro_005", "canvas.seg_f1"} <= set(flat)
+    assert {"image_auroc.regular", "canvas.au_pro_005.overexposed"} <= set(flat)
+    assert {"val_image_false_alarm_rate", "val_mean_score"} <= set(flat)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in flat.values())
+    assert flat["image_auroc"] == overall["image_auroc"]
 
 
-def test_slice_run_training_and_inference_metrics(slice_run: tuple[Path, DataCatalog, dict[str, Any]]) -> None:
+def test_slice_run_training_and_inference_metrics(
+    slice_run: tuple[Path, DataCatalog, dict[str, Any]], mlflow_points: Callable
+) -> None:
     _, catalog, _ = slice_run
-    training = catalog.load("wallplugs.autoencoder.training_metrics")
-    assert training["n_train"] == {"value": 4, "step": 0}
-    assert [m["step"] for m in training["train_loss"]] == [0, 1]
-    inference = catalog.load("wallplugs.autoencoder.inference_metrics")
-    assert set(inference) == {"inference_seconds", "inference_images_per_s"}
+    training = catalog.load(f"{NS}.training_metrics")
+    assert (training["n_train"], training["reused_model"]) == (4.0, 0.0) and training["fit_seconds"] > 0
+    assert len(training["train_loss"]) == 2  # one value per epoch: MLflow steps 0 and 1
+    steps = [step for key, _, step in mlflow_points(training) if key == "train_loss"]
+    assert steps == [0, 1]
+    params = catalog.load(f"{NS}.detector_params")
+    assert params["detector"] == "autoencoder" and params["config"]["latent_dim"] == 16
+    assert params["n_train"] == 4 and len(params["training_fingerprint"]) == 24
+    calibration = catalog.load(f"{NS}.calibration_metrics")
+    assert {"threshold_pixel", "threshold_image", "threshold_pixel_mean"} <= set(calibration)
+    inference = catalog.load(f"{NS}.inference_metrics")
+    assert set(inference) == {"inference_seconds", "inference_images_per_s", "n_scored", "n_maps_reused"}
+    assert (inference["n_scored"], inference["n_maps_reused"]) == (8.0, 0.0)
 
 
 def test_slice_run_files(slice_run: tuple[Path, DataCatalog, dict[str, Any]]) -> None:
@@ -242,19 +278,20 @@ def test_slice_run_files(slice_run: tuple[Path, DataCatalog, dict[str, Any]]) ->
     maps = sorted(p.relative_to(tmp_path / "maps").as_posix() for p in (tmp_path / "maps").rglob("*.npy"))
     assert len(maps) == 8  # validation 2 + test_public 4 + private 2; train is never scored
     assert not any(m.startswith("maps/train/") for m in maps)
-    summary = catalog.load("wallplugs.autoencoder.submission_summary")
+    assert len(MapStore(tmp_path / "maps").scores()) == 8
+    summary = catalog.load(f"{NS}.submission_summary")
     assert summary["model"] == "autoencoder"
     assert summary["written"] == {"test_private": 1, "test_private_mixed": 1}
     assert (tmp_path / "submission/anomaly_images/wallplugs/test_private/000_regular.tiff").is_file()
     assert (tmp_path / "submission/anomaly_images_thresholded/wallplugs/test_private_mixed/000_mixed.png").is_file()
-    figures = catalog.load("wallplugs.autoencoder.evaluation_figures")
+    figures = catalog.load(f"{NS}.evaluation_figures")
     assert set(figures) == {"roc.png", "pro_curve.png", "score_histogram.png", "heatmaps.png"}
     assert all(isinstance(f, Figure) for f in figures.values())
 
 
 def test_slice_run_model_is_calibrated(slice_run: tuple[Path, DataCatalog, dict[str, Any]]) -> None:
     _, catalog, _ = slice_run
-    report = catalog.load("wallplugs.autoencoder.evaluation_report")
+    report = catalog.load(f"{NS}.evaluation_report")
     # the intermediate model is released by the runner; its thresholds live on in the report
     assert report["thresholds"]["rule"].startswith("pixel: mean+3.0std of validation/good pixels")
     assert isinstance(report["thresholds"]["image"], float)

@@ -1,4 +1,8 @@
-"""Tests of the preprocessing nodes on tiny MVTec AD 2 trees: validation, resizing, incremental re-runs, reports."""
+"""Tests of the preprocessing nodes on tiny MVTec AD 2 trees: validation, resizing, incremental re-runs, reports.
+
+``preprocess_images`` returns a plan; ``_run`` carries it out through the store (what the image store dataset does
+when the node's output is saved) and summarises it, as the pipeline's next node does.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,17 @@ import pandas as pd
 import pytest
 
 from madfh_pipeline import workers as worker_module
-from madfh_pipeline.datasets import ImageStore, MVTecAD2Dataset
+from madfh_pipeline.datasets import ImageStore, ImageWrites, MVTecAD2Dataset
 from madfh_pipeline.imaging import read_image
 from madfh_pipeline.pipelines.preprocessing.nodes import (
     NoUsableDataError,
     build_manifest,
     build_validation_report,
     preprocess_images,
+    summarize_preprocessing,
     validate_layout,
 )
+from madfh_pipeline.workers import process_image
 
 ALL_IMAGES = [
     "train/good/000_regular.png",
@@ -59,7 +65,9 @@ def _listing(root: Path, name: str = "widget") -> pd.DataFrame:
 def _run(
     root: Path, category: dict, params: dict, store: ImageStore, name: str = "widget"
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    return preprocess_images(validate_layout(_listing(root, name), category), params, category, store)
+    checked = validate_layout(_listing(root, name), category)
+    store.apply(preprocess_images(checked, params, category))
+    return summarize_preprocessing(store, checked, params, category)
 
 
 def _status(frame: pd.DataFrame) -> dict[str, str]:
@@ -123,15 +131,37 @@ def test_validate_layout_flags_every_kind_of_problem(
         assert any(rel in r.getMessage() and "[widget] skipping" in r.getMessage() for r in caplog.records), rel
 
 
-def test_validate_layout_warns_about_unknown_lighting(
+def test_unknown_lighting_tokens_are_summarised_in_one_warning(
     raw_root: Path, category: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
     cat = raw_root / "widget"
     os.rename(cat / "test_public/good/000_regular.png", cat / "test_public/good/000_flash.png")
-    with caplog.at_level(logging.WARNING, logger="madfh_pipeline"):
+    os.rename(cat / "test_public/good/001_overexposed.png", cat / "test_public/good/001_flash.png")
+    os.rename(cat / "test_public/bad/000_regular.png", cat / "test_public/bad/000_strobe.png")
+    os.rename(cat / MASKS[0], cat / "test_public/ground_truth/bad/000_strobe_mask.png")
+    with caplog.at_level(logging.INFO, logger="madfh_pipeline"):
         checked = validate_layout(_listing(raw_root), category)
-    assert (checked["problem"] == "").all()  # kept
-    assert any("lighting token 'flash'" in r.getMessage() for r in caplog.records)
+    assert (checked["problem"] == "").all()  # kept, and evaluated as their own lighting groups
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("[widget] 3 test_public images carry lighting tokens outside regular, overexposed")
+    assert "'flash' (2), 'strobe' (1)" in warnings[0]
+
+
+def test_names_without_a_lighting_token_are_one_info_line(
+    raw_root: Path, category: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user's own file names (no NNN_<lighting>): fine, said once, never a warning per file."""
+    cat = raw_root / "widget"
+    for i, path in enumerate(sorted((cat / "test_public/good").glob("*.png"))):
+        os.rename(path, path.with_name(f"part_{i}.png"))
+    with caplog.at_level(logging.INFO, logger="madfh_pipeline"):
+        checked = validate_layout(_listing(raw_root), category)
+    assert (checked["problem"] == "").all()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (line,) = [r.getMessage() for r in caplog.records if "no lighting token" in r.getMessage()]
+    assert line.startswith("[widget] 2 of 4 test_public images have no lighting token in their name")
+    assert set(checked.loc[checked["relpath"].str.contains("part_"), "lighting"]) == {""}
 
 
 def test_validate_layout_raises_on_an_empty_folder(tmp_path: Path, category: dict) -> None:
@@ -215,6 +245,62 @@ def test_binary_0_1_masks_are_accepted_and_stored_as_0_255(
     assert set(np.unique(store.read(MASKS[0])).tolist()) == {0, 255}
 
 
+# ---- preprocess_images: the plan ----
+
+
+def test_preprocess_images_returns_a_plan_and_writes_nothing(
+    raw_root: Path, category: dict, preprocessing_params: dict, tmp_path: Path
+) -> None:
+    checked = validate_layout(_listing(raw_root), category)
+    plan = preprocess_images(checked, preprocessing_params, category)
+    assert isinstance(plan, ImageWrites)
+    assert plan.worker is process_image and plan.workers == 1 and plan.incremental
+    assert plan.label == "preprocess widget"
+    assert sorted(t["relpath"] for t in plan.tasks) == sorted(ALL_IMAGES)
+    bad = next(t for t in plan.tasks if t["relpath"] == "test_public/bad/000_regular.png")
+    assert bad["outputs"] == ["test_public/bad/000_regular.png", MASKS[0]]  # the mask is written with its image
+    assert len({t["fingerprint"] for t in plan.tasks}) == len(plan.tasks)
+    other = preprocess_images(checked, preprocessing_params | {"target_width": 16}, category)
+    assert {t["fingerprint"] for t in other.tasks}.isdisjoint(t["fingerprint"] for t in plan.tasks)  # settings count
+    assert not (tmp_path / "store").exists()  # planning writes nothing
+
+
+def test_files_with_layout_problems_are_not_planned(raw_root: Path, category: dict, preprocessing_params: dict) -> None:
+    (raw_root / "widget/validation/good/001_regular.png").write_bytes(b"")
+    (raw_root / "widget" / MASKS[1]).unlink()
+    plan = preprocess_images(validate_layout(_listing(raw_root), category), preprocessing_params, category)
+    planned = {t["relpath"] for t in plan.tasks}
+    assert "validation/good/001_regular.png" not in planned and "test_public/bad/001_overexposed.png" not in planned
+    assert len(planned) == len(ALL_IMAGES) - 2
+
+
+def test_an_empty_mask_is_a_warning_in_the_parents_log(
+    raw_root: Path, category: dict, preprocessing_params: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(raw_root / "widget" / MASKS[0], np.zeros((40, 48), np.uint8))
+    with caplog.at_level(logging.WARNING):
+        frame, _ = _run(raw_root, category, preprocessing_params, ImageStore(tmp_path / "store"))
+    (record,) = [r for r in caplog.records if "is empty although the image is in bad/" in r.getMessage()]
+    assert record.levelno == logging.WARNING and record.name == "madfh_pipeline.datasets.image_store"
+    assert MASKS[0] in record.getMessage()
+    assert frame.set_index("relpath").loc["test_public/bad/000_regular.png", "status"] == "processed"
+
+
+def test_summary_never_drops_an_image_the_store_did_not_index(
+    raw_root: Path, category: dict, preprocessing_params: dict, tmp_path: Path
+) -> None:
+    checked = validate_layout(_listing(raw_root), category)
+    plan = preprocess_images(checked, preprocessing_params, category)
+    plan.tasks = [t for t in plan.tasks if t["relpath"] != "train/good/003_regular.png"]  # lost on the way
+    store = ImageStore(tmp_path / "store")
+    store.apply(plan)
+    frame, stats = summarize_preprocessing(store, checked, preprocessing_params, category)
+    row = frame.set_index("relpath").loc["train/good/003_regular.png"]
+    assert (row["status"], row["problem"]) == ("skipped", "not written by preprocessing (see the log)")
+    assert (stats["n_processed"], stats["n_skipped"], stats["n_files"]) == (11, 1, 12)
+    assert stats["workers"] == 1 and stats["seconds"] >= 0
+
+
 # ---- preprocess_images: outputs ----
 
 
@@ -241,7 +327,7 @@ def test_outputs_have_the_target_size_and_binary_masks(
     # the index holds image rows only, with everything needed for the next run
     index = store.read_index()
     assert sorted(index["relpath"]) == sorted(ALL_IMAGES)
-    assert {"bytes", "mtime_ns", "mask_bytes", "mask_mtime_ns", "content_hash", "settings", "status"} <= set(index)
+    assert {"fingerprint", "status", "problem", "src_width", "dst_width", "scale_x", "pad_y"} <= set(index)
 
 
 def test_gray_to_rgb_on_request(raw_root: Path, category: dict, preprocessing_params: dict, tmp_path: Path) -> None:
@@ -267,7 +353,7 @@ def test_rgb_category_stays_rgb(
 def test_invalid_output_channels_is_refused(raw_root: Path, category: dict, preprocessing_params: dict) -> None:
     checked = validate_layout(_listing(raw_root), category)
     with pytest.raises(ValueError, match="output_channels must be 1, 3 or null, got 2"):
-        preprocess_images(checked, preprocessing_params | {"output_channels": 2}, category, ImageStore("unused"))
+        preprocess_images(checked, preprocessing_params | {"output_channels": 2}, category)
 
 
 def test_letterbox_pads_wide_images(
@@ -430,8 +516,8 @@ def test_content_hash_ignores_mtime_but_sees_content(
 ) -> None:
     params = preprocessing_params | {"change_detection": "content_hash"}
     store = ImageStore(tmp_path / "store")
-    first, _ = _run(raw_root, category, params, store)
-    assert first["content_hash"].str.fullmatch(r"[0-9a-f]{32}").all()
+    _run(raw_root, category, params, store)
+    assert store.read_index()["fingerprint"].str.match(r"[0-9a-f]{32}\|").all()  # the content, not size + time
     touched = raw_root / "widget/train/good/000_regular.png"
     _bump_mtime(touched)  # same bytes, new time: unchanged
     frame, stats = _run(raw_root, category, params, store)

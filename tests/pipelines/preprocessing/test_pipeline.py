@@ -15,39 +15,33 @@ from madfh_pipeline.pipeline_registry import namespaced
 from madfh_pipeline.pipelines.preprocessing import create_pipeline
 from madfh_pipeline.pipelines.preprocessing.nodes import NoUsableDataError
 
-OUTPUTS = ("checked_files", "preprocessing_table", "preprocessing_stats", "validation_report", "validation_summary")
+OUTPUTS = (
+    "checked_files",
+    "preprocessing_table",
+    "preprocessing_stats",
+    "validation_report",
+    "validation_summary",
+)
+NODES = ["validate_layout", "preprocess_images", "summarize_preprocessing", "build_validation_report", "build_manifest"]
 
 
 def test_template_wiring() -> None:
     template = create_pipeline()
-    assert [n.name for n in template.nodes] == [
-        "validate_layout",
-        "preprocess_images",
-        "build_validation_report",
-        "build_manifest",
-    ]
-    assert template.inputs() == {
-        "raw_images",
-        "image_store",
-        "params:category",
-        "params:preprocessing",
-        "params:splits",
-    }
+    assert [n.name for n in template.nodes] == NODES
+    assert template.inputs() == {"raw_images", "params:category", "params:preprocessing", "params:splits"}
     assert template.outputs() == {"preprocessing_metrics", "validation_summary", "manifest"}
-    assert set(template.all_outputs()) >= {"checked_files", "preprocessing_table", "validation_report"}
+    assert set(template.all_outputs()) >= {"checked_files", "image_store", "preprocessing_table", "validation_report"}
+    preprocess, summarize = template.nodes[1], template.nodes[2]
+    # the store is what preprocess_images writes (an output), and what the summary reads (an input): the DAG shows it
+    assert preprocess.outputs == ["image_store"] and "image_store" not in preprocess.inputs
+    assert summarize.inputs[0] == "image_store"
 
 
 def test_namespaced_copy() -> None:
     pipe = namespaced(create_pipeline(), "wallplugs")
-    assert {n.name for n in pipe.nodes} == {
-        "wallplugs.validate_layout",
-        "wallplugs.preprocess_images",
-        "wallplugs.build_validation_report",
-        "wallplugs.build_manifest",
-    }
+    assert {n.name for n in pipe.nodes} == {f"wallplugs.{n}" for n in NODES}
     assert pipe.inputs() == {
         "wallplugs.raw_images",
-        "wallplugs.image_store",
         "params:categories.wallplugs",
         "params:preprocessing",
         "params:splits",
@@ -57,6 +51,7 @@ def test_namespaced_copy() -> None:
         "wallplugs.validation_summary",
         "wallplugs.manifest",
     }
+    assert "wallplugs.image_store" in pipe.all_outputs()
     assert all(n.tags == {"wallplugs"} for n in pipe.nodes)
     assert all(n.namespace == "wallplugs" for n in pipe.nodes)
 
@@ -71,7 +66,7 @@ def _catalog(root: Path, store: Path, category: dict, preprocessing: dict) -> Da
         "params:splits": MemoryDataset({"extra_validation": 1, "seed": 42}),
     }
     for out in (*OUTPUTS, "manifest", "preprocessing_metrics"):
-        datasets[f"{name}.{out}"] = MemoryDataset()
+        datasets[f"{name}.{out}"] = MemoryDataset(copy_mode="assign")
     return DataCatalog(datasets=datasets)
 
 
@@ -94,6 +89,11 @@ def test_run_on_a_tiny_tree(
     assert "`train/good/000_regular.png`" in catalog.load("gizmo.validation_summary")
     assert (tmp_path / "store/_index.parquet").is_file()
     assert (tmp_path / "store/test_public/ground_truth/bad/001_overexposed_mask.png").is_file()
+    # a second run of the same pipeline writes nothing: the store keeps what did not change
+    catalog = _catalog(tmp_path / "raw", tmp_path / "store", category, preprocessing_params)
+    SequentialRunner().run(namespaced(create_pipeline(), "gizmo"), catalog)
+    metrics = catalog.load("gizmo.preprocessing_metrics")
+    assert metrics["n_processed"]["value"] == 0.0 and metrics["n_unchanged"]["value"] == 11.0
 
 
 def test_run_fails_clearly_when_nothing_is_usable(
