@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -45,7 +46,13 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM = os.environ.get("MADFH_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("MADFH_CHROMEDRIVER", "/usr/bin/chromedriver")
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "images" / "review_app"
+#: docs/images/review_app when MADFH_UPDATE_SCREENSHOTS=1 (to refresh the docs), else a temp folder: a test run must not
+#: change tracked files.
+SCREENSHOTS = (
+    Path(__file__).resolve().parents[2] / "docs" / "images" / "review_app"
+    if os.environ.get("MADFH_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "madfh_review_app_screenshots"
+)
 CHROME_FLAGS = (
     "--headless",
     "--no-sandbox",
