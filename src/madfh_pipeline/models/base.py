@@ -146,6 +146,8 @@ class AnomalyDetector(ABC):
                 "config": self.config,
                 "training": self.provenance.get("training_fingerprint"),
                 "thresholds": self.thresholds.to_dict(),
+                # operator feedback changes the bank without retraining: its lineage is part of the identity
+                "lineage": self.provenance.get("lineage"),
             }
         )
 

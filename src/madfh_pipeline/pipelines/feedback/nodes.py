@@ -21,6 +21,7 @@ from madfh_pipeline import tracking
 from madfh_pipeline.datasets.knowledge_base import InspectionModelStore
 from madfh_pipeline.feedback.learning import FeedbackSettings, apply_feedback
 from madfh_pipeline.imaging import read_image
+from madfh_pipeline.models.base import stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +69,11 @@ def learn_from_feedback(
 
     detector = copy.deepcopy(model.detector)
     detector, report = apply_feedback(detector, labelled, load, settings)
+    labels_digest = stable_hash(sorted(zip(labelled["image_id"], labelled["label"].astype(int), strict=True)))
     detector.provenance = dict(detector.provenance) | {
         "parent_version": active.version,
         "feedback_labels": len(labelled),
+        "lineage": {"parent": active.version, "labels": labels_digest},
     }
     model.detector = detector
     model.version = f"{detector.name}@{detector.fingerprint[:12]}"

@@ -1,0 +1,262 @@
+"""Does operator feedback measurably improve the detector? A simulated review loop, uncertainty vs random sampling.
+
+An operator who answers with the ground truth reviews ``k`` images per round from a *review pool*, chosen either by
+uncertainty (what the review app's queue serves first: REVIEW, then nearest the threshold) or at random; after each
+round the feedback step runs (:func:`madfh_pipeline.feedback.learning.apply_feedback`: confirmed false alarms extend
+the memory bank, confirmed defects form a defect bank kept only if it helps, the threshold is recalibrated) on all
+labels so far, starting from the originally trained model each time. A *held-out* set, never reviewed, reports after
+every round: false-alarm rate at 95 % recall, image AUROC and AU-PRO@0.05 (canvas), plus the false-alarm and miss
+rates at the threshold in force.
+
+Pool and held-out are a seeded, label-stratified half/half split of test_public. Random sampling is repeated over
+``--seeds`` draws and averaged. Inputs: a category folder in the MVTec AD 2 layout (BSData converted by
+``bench/bsdata.py convert``), or ``--generate-demo`` (wallplugs demo scenes, more test images than the shipped demo).
+
+    .venv/bin/python bench/feedback_loop.py --root /tmp/bsdata_root --category bsdata --size 256
+    .venv/bin/python bench/feedback_loop.py --generate-demo /tmp/demo_fb --category wallplugs --size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from common import ROOT, git_revision  # noqa: E402  bench/common.py (the script directory is on sys.path)
+
+from madfh_pipeline import metrics as M  # noqa: E402
+from madfh_pipeline.feedback.learning import (  # noqa: E402
+    FeedbackSettings,
+    apply_feedback,
+    decision_rates,
+    far_at_recall,
+    image_auroc,
+)
+from madfh_pipeline.imaging import Geometry, read_image  # noqa: E402
+from madfh_pipeline.models.base import Thresholds, build_detector  # noqa: E402
+
+logger = logging.getLogger("bench.feedback_loop")
+
+
+def generate_demo(dest: Path, category: str, scale: float, width: int, height: int, seed: int) -> Path:
+    """Wallplugs-like demo scenes (the demo generator's), more of them and smaller than native, for the loop."""
+    from madfh_pipeline.demo.synth import SceneSpec, plan_dataset, render_item
+    from madfh_pipeline.workers import write_bundle
+
+    counts = {"train": 24, "validation": 8, "test_public_good": 8, "test_public_bad": 12}
+    counts = {k: int(round(v * scale)) for k, v in counts.items()} | {"test_private": 0, "test_private_mixed": 0}
+    spec = SceneSpec(category=category, width=width, height=height, channels=1 if category == "wallplugs" else 3)
+    folder = dest / category
+    if (folder / ".generated").is_file():
+        return dest
+    for item in plan_dataset(spec, counts, seed=seed):
+        write_bundle(folder, render_item(spec, item))
+    (folder / ".generated").write_text(json.dumps(counts))
+    logger.info("Generated %s at %dx%d: %s", folder, width, height, counts)
+    return dest
+
+
+def _load(folder: Path, size: int) -> tuple[list[str], torch.Tensor]:
+    names = sorted(p.name for p in folder.glob("*.png"))
+    images = []
+    for name in names:
+        image = read_image(folder / name)
+        images.append(Geometry.plan(image.shape[1], image.shape[0], size, size, "stretch").apply(image))
+    array = np.stack([i[:, :, None] if i.ndim == 2 else i for i in images]).astype(np.float32) / 255.0
+    return names, torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+
+
+def _masks(folder: Path, names: list[str], size: int) -> list[np.ndarray]:
+    out = []
+    for name in names:
+        mask = read_image(folder / name.replace(".png", "_mask.png"), 1)
+        out.append(Geometry.plan(mask.shape[1], mask.shape[0], size, size, "stretch").apply(mask, is_mask=True) > 0)
+    return out
+
+
+def _predict(detector: Any, images: torch.Tensor, batch: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    scores, maps = [], []
+    for chunk in images.split(batch):
+        with torch.no_grad():
+            out = detector.predict(chunk)
+        scores.append(out.scores)
+        maps.append(out.maps)
+    return np.concatenate(scores).astype(np.float64), np.concatenate(maps)
+
+
+def _calibrate(detector: Any, validation: torch.Tensor) -> None:
+    scores, maps = _predict(detector, validation)
+    pixel, pixel_mean, pixel_std = M.mean_std_threshold(list(maps), k=3.0)
+    image, image_mean, image_std = M.mean_std_threshold(scores, k=3.0)
+    detector.thresholds = Thresholds(
+        pixel=pixel,
+        image=image,
+        rule="mean+3std of validation/good",
+        stats={"pixel_mean": pixel_mean, "pixel_std": pixel_std, "image_mean": image_mean, "image_std": image_std},
+    )
+
+
+def _held_out_numbers(
+    detector: Any, images: torch.Tensor, labels: np.ndarray, masks: list[np.ndarray]
+) -> dict[str, float]:
+    scores, maps = _predict(detector, images)
+    pro = M.au_pro(masks, list(maps), fpr_limit=0.05)
+    return {
+        "far_at_recall_95": far_at_recall(labels, scores, 0.95),
+        "image_auroc": image_auroc(labels, scores),
+        "au_pro_005": pro,
+        "threshold": float(detector.thresholds.image),
+        **decision_rates(labels, scores, detector.thresholds.image),
+    }
+
+
+def main() -> None:  # noqa: PLR0915
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, help="folder holding <category>/ in the MVTec AD 2 layout")
+    parser.add_argument("--generate-demo", type=Path, help="generate wallplugs-like demo scenes into this folder")
+    parser.add_argument("--demo-scale", type=float, default=8.0)
+    parser.add_argument("--demo-size", default="1224x1024")
+    parser.add_argument("--category", default="bsdata")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=3, help="random-sampling repetitions")
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--output", type=Path)
+    parser.add_argument("--figure", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    torch.set_num_threads(2)
+    if args.generate_demo:
+        width, height = (int(v) for v in args.demo_size.split("x"))
+        root = generate_demo(args.generate_demo, args.category, args.demo_scale, width, height, seed=2026)
+    elif args.root:
+        root = args.root
+    else:
+        raise SystemExit("Give --root (a converted data set) or --generate-demo DIR.")
+    folder = root / args.category
+    _, train = _load(folder / "train/good", args.size)
+    _, validation = _load(folder / "validation/good", args.size)
+    good_names, good = _load(folder / "test_public/good", args.size)
+    bad_names, bad = _load(folder / "test_public/bad", args.size)
+    test = torch.cat([good, bad])
+    names = [f"good/{n}" for n in good_names] + [f"bad/{n}" for n in bad_names]
+    labels = np.array([0] * len(good_names) + [1] * len(bad_names))
+    masks = [np.zeros((args.size, args.size), bool)] * len(good_names) + _masks(
+        folder / "test_public/ground_truth/bad", bad_names, args.size
+    )
+    rng = np.random.default_rng(args.split_seed)
+    pool = np.zeros(len(labels), bool)
+    for label in (0, 1):
+        idx = np.flatnonzero(labels == label)
+        pool[rng.choice(idx, size=len(idx) // 2, replace=False)] = True
+    held = ~pool
+    logger.info(
+        "%s: %d train, pool %d, held-out %d (defects %d).",
+        args.category,
+        len(train),
+        pool.sum(),
+        held.sum(),
+        labels[held].sum(),
+    )
+
+    started = time.perf_counter()
+    base = build_detector("patchcore", {})
+    base.fit(lambda: train.split(8))
+    _calibrate(base, validation)
+    fit_s = time.perf_counter() - started
+    held_masks = [m for m, h in zip(masks, held, strict=True) if h]
+    round0 = _held_out_numbers(base, test[held], labels[held], held_masks)
+    logger.info("round 0: %s", round0)
+    pool_idx = np.flatnonzero(pool)
+    lookup = {names[i]: test[i] for i in range(len(names))}
+    settings = FeedbackSettings(holdout_fraction=0.0)
+
+    def run(strategy: str, seed: int) -> list[dict[str, float]]:
+        detector = copy.deepcopy(base)
+        scores, _ = _predict(detector, test[pool_idx])
+        reviewed: list[int] = []
+        draw = np.random.default_rng(seed)
+        curve = [round0]
+        for round_index in range(1, args.rounds + 1):
+            left = [j for j in range(len(pool_idx)) if j not in reviewed]
+            if strategy == "uncertainty":
+                std = max(base.thresholds.stats.get("image_std", 1.0), 1e-9)
+                distance = np.abs(scores[left] - detector.thresholds.image) / std
+                chosen = [left[j] for j in np.argsort(distance, kind="stable")[: args.per_round]]
+            else:
+                chosen = list(draw.choice(left, size=min(args.per_round, len(left)), replace=False))
+            reviewed += chosen
+            rows = []
+            for j in reviewed:
+                i = pool_idx[j]
+                decision = "NG" if scores[j] >= detector.thresholds.image else "OK"
+                rows.append(
+                    {"image_id": names[i], "image_path": names[i], "label": int(labels[i]), "decision": decision}
+                )
+            updated, report = apply_feedback(copy.deepcopy(base), pd.DataFrame(rows), lookup.__getitem__, settings)
+            detector = updated
+            scores, _ = _predict(detector, test[pool_idx])
+            numbers = _held_out_numbers(detector, test[held], labels[held], held_masks) | {
+                "n_labels": float(len(reviewed)),
+                "patches_added": float(report.steps["extend_bank"].get("patches_added", 0)),
+                "defect_bank_kept": float(bool(report.steps["defect_bank"].get("kept"))),
+            }
+            logger.info("%s seed %d round %d: %s", strategy, seed, round_index, numbers)
+            curve.append(numbers)
+        return curve
+
+    results: dict[str, Any] = {
+        "revision": git_revision(),
+        "category": args.category,
+        "size": args.size,
+        "fit_seconds": fit_s,
+        "n_pool": int(pool.sum()),
+        "n_held_out": int(held.sum()),
+        "rounds": args.rounds,
+        "per_round": args.per_round,
+        "uncertainty": run("uncertainty", 0),
+        "random": [run("random", s) for s in range(args.seeds)],
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    keys = ("far_at_recall_95", "image_auroc", "au_pro_005", "false_alarm_rate_at_threshold", "miss_rate_at_threshold")
+    results["random_mean"] = [
+        {k: float(np.nanmean([c[r][k] for c in results["random"]])) for k in keys} for r in range(args.rounds + 1)
+    ]
+    output = args.output or ROOT / "bench" / "results" / f"feedback_loop_{args.category}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    figure = args.figure or ROOT / "docs" / "images" / f"feedback_loop_{args.category}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    x = np.arange(args.rounds + 1) * args.per_round
+    for ax, key, title in zip(
+        axes,
+        ("far_at_recall_95", "image_auroc", "au_pro_005"),
+        ("false-alarm rate at 95 % recall (lower is better)", "image AUROC", "AU-PRO@0.05 (canvas)"),
+        strict=True,
+    ):
+        ax.plot(x, [r[key] for r in results["uncertainty"]], "o-", label="uncertainty sampling")
+        ax.plot(x, [r[key] for r in results["random_mean"]], "s--", label=f"random sampling (mean of {args.seeds})")
+        ax.set(xlabel="operator reviews", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"Feedback loop on {args.category} ({args.size}², held-out {int(held.sum())} images)")
+    fig.tight_layout()
+    fig.savefig(figure, dpi=110)
+    logger.info("Results in %s, figure %s", output, figure)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Operators' verdicts into a memory-bank detector: confirmed normal patches join the bank, confirmed defects re-rank.
+
+A mixin for detectors with a patch memory bank (PatchCore): it needs ``_embedding_chunks(images)`` (patch embeddings
+per image or tile), ``_nearest(rows)`` (distance to the nearest bank patch), ``memory_bank`` and ``_set_bank``.
+
+- :meth:`add_normal` — a confirmed false alarm is a normal image whose variation the bank did not cover. Its patches
+  that lie farthest from the bank (those that raised the alarm) are added, at most ``max_per_image`` per image, so
+  the same normal variation stops alarming while the bank (and the kNN cost) grows by a bounded amount.
+- :meth:`set_defect_bank` — a confirmed defect's most anomalous patches (farthest from the normal bank: the defect,
+  not the part around it) form a *defect bank*. An image's score is then re-ranked by where its most anomalous patch
+  lies between the two banks: ``score · (1 + w · (2r − 1))`` with ``r = d_normal / (d_normal + d_defect)`` — up when
+  it is closer to a known defect than to anything normal, down when it is closer to normal. ``w`` = ``defect_weight``
+  (0 disables it); the feedback step keeps the bank only when it measurably helps (:mod:`madfh_pipeline.feedback.
+  learning`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class FeedbackBankMixin:
+    """Feedback capabilities for a patch-memory-bank detector (see the module docstring)."""
+
+    defect_bank: torch.Tensor | None = None
+    defect_weight: float = 0.0
+    normal_patches_added: int = 0
+
+    def patch_rows(self, batch: torch.Tensor) -> list[torch.Tensor]:
+        """Patch embeddings of each image of ``batch`` (all tiles together): one ``(n_patches, D)`` tensor each."""
+        rows: list[list[torch.Tensor]] = [[] for _ in range(batch.shape[0])]
+        with torch.no_grad():
+            for owners, embeddings, _ in self._embedding_chunks(batch.to(self.device, torch.float32)):  # type: ignore[attr-defined]
+                n, dim = embeddings.shape[:2]
+                flat = embeddings.permute(0, 2, 3, 1).reshape(n, -1, dim)
+                for i in range(n):
+                    rows[int(owners[i])].append(flat[i])
+        return [torch.cat(r) for r in rows]
+
+    def _farthest(self, rows: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        distance, _ = self._nearest(rows)  # type: ignore[attr-defined]
+        distance = distance.to(rows.device)
+        order = torch.argsort(distance, descending=True)[: max(0, int(count))]
+        return rows[order], distance[order]
+
+    @torch.no_grad()
+    def add_normal(self, batches: Any, max_per_image: int = 256) -> int:
+        """Add the patches of confirmed-normal images that the bank covers worst; returns how many were added."""
+        if self.memory_bank is None:  # type: ignore[attr-defined]
+            raise RuntimeError("The detector has no memory bank: fit it before adding feedback.")
+        new = []
+        for batch in batches():
+            for rows in self.patch_rows(batch):
+                chosen, _ = self._farthest(rows, max_per_image)
+                new.append(chosen.cpu())
+        if not new:
+            return 0
+        added = torch.cat(new)
+        self._set_bank(torch.cat([self.memory_bank.cpu(), added]))  # type: ignore[attr-defined]
+        self.normal_patches_added = int(self.normal_patches_added) + int(added.shape[0])
+        logger.info("Memory bank extended by %d patches of confirmed-normal images.", added.shape[0])
+        return int(added.shape[0])
+
+    @torch.no_grad()
+    def set_defect_bank(self, batches: Any, per_image: int = 16, weight: float = 0.0) -> int:
+        """Build the defect bank from confirmed-defect images; returns its size."""
+        rows = []
+        for batch in batches():
+            for image_rows in self.patch_rows(batch):
+                chosen, _ = self._farthest(image_rows, per_image)
+                rows.append(chosen.cpu())
+        self.defect_bank = torch.cat(rows).float() if rows else None
+        self.defect_weight = float(weight) if self.defect_bank is not None else 0.0
+        return 0 if self.defect_bank is None else int(self.defect_bank.shape[0])
+
+    def clear_defect_bank(self) -> None:
+        self.defect_bank = None
+        self.defect_weight = 0.0
+
+    def rerank(self, scores: torch.Tensor, features: torch.Tensor, normal_distance: torch.Tensor) -> torch.Tensor:
+        """Re-rank image scores by the most anomalous patch's place between the normal and the defect bank."""
+        if self.defect_bank is None or not self.defect_weight:
+            return scores
+        bank = self.defect_bank.to(features.device)
+        defect_distance = torch.cdist(features.float(), bank).min(dim=1).values
+        ratio = normal_distance / (normal_distance + defect_distance).clamp_min(1e-12)
+        return scores * (1.0 + float(self.defect_weight) * (2.0 * ratio - 1.0))
+
+    def feedback_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "defect_weight": float(self.defect_weight),
+            "normal_patches_added": int(self.normal_patches_added),
+        }
+        if self.defect_bank is not None:
+            state["defect_bank"] = self.defect_bank.detach().cpu().clone()
+        return state
+
+    def set_feedback_state(self, state: dict[str, Any]) -> None:
+        bank = state.get("defect_bank")
+        self.defect_bank = bank.float() if isinstance(bank, torch.Tensor) else None
+        self.defect_weight = float(state.get("defect_weight", 0.0)) if self.defect_bank is not None else 0.0
+        self.normal_patches_added = int(state.get("normal_patches_added", 0))
