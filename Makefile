@@ -15,7 +15,7 @@ CATEGORY ?= wallplugs
 # One stamp per category: `make run` generates only the category it runs (CATEGORY=walnuts make run for another).
 DEMO_STAMP := $(DEMO_ROOT)/$(CATEGORY)/.generated
 
-.PHONY: run install demo-data test test-fast lint format bench viz mlflow-ui ui clean-demo
+.PHONY: run install demo-data test test-fast lint format bench viz mlflow-ui ui serve serve-demo-model batch clean-demo
 
 $(BIN)/kedro: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required (pyproject: requires-python 3.11)"; exit 1; }
@@ -71,6 +71,25 @@ ui: $(BIN)/kedro
 		--server.headless true --browser.gatherUsageStats false \
 		-- --kb-url sqlite:///data/09_knowledge_base/knowledge_base.sqlite --data-root data/ \
 		--feedback-command "$(BIN)/kedro run --env demo --pipelines=feedback_{category}"
+
+SERVE_PORT ?= 5001
+MLFLOW_URI ?= sqlite:///mlflow.db
+WORKERS ?= 2
+# The champion inspection model of CATEGORY over REST (POST /invocations; docs/serving.md). `make run` registers
+# madfh-wallplugs. mlflow starts uvicorn through bash, so the venv's bin goes on PATH.
+serve: $(BIN)/kedro
+	PATH="$(abspath $(BIN)):$$PATH" MLFLOW_TRACKING_URI=$(MLFLOW_URI) $(BIN)/mlflow models serve \
+		-m "models:/madfh-$(CATEGORY)@champion" --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+
+# A small fitted demo model registered as madfh-sheet_metal, without a pipeline run (then: make serve CATEGORY=sheet_metal)
+serve-demo-model: $(BIN)/kedro
+	MLFLOW_TRACKING_URI=$(MLFLOW_URI) $(BIN)/python -m madfh_pipeline.serving demo-model data/06_models/demo_inspection
+	MLFLOW_TRACKING_URI=$(MLFLOW_URI) $(BIN)/python -m madfh_pipeline.serving register data/06_models/demo_inspection
+
+# Batch inspection of FOLDER with the champion on a local Dask cluster (WORKERS workers)
+batch: $(BIN)/kedro
+	MLFLOW_TRACKING_URI=$(MLFLOW_URI) $(BIN)/python -m madfh_pipeline.serving batch "models:/madfh-$(CATEGORY)@champion" \
+		$(FOLDER) --workers $(WORKERS) --out data/08_reporting/$(CATEGORY)/batch_inspection.parquet
 
 mlflow-ui: $(BIN)/kedro
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000

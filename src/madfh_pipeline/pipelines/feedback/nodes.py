@@ -52,6 +52,7 @@ def learn_from_feedback(
     active: Any,
     feedback: dict[str, Any],
     category: dict[str, Any],
+    inspection: dict[str, Any],
 ) -> tuple[Any, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(new inspection model, its registration, the report, MLflow metrics)."""
     if labelled.empty:
@@ -92,6 +93,11 @@ def learn_from_feedback(
         "notes": f"feedback of {len(labelled)} operator labels",
         "metrics": {f"after_{k}": v for k, v in report.after.items() if isinstance(v, float) and np.isfinite(v)},
     }
+    from madfh_pipeline.pipelines.inspection.nodes import register_mlflow_model
+
+    mlflow_version = register_mlflow_model(model, category["name"], "feedback", inspection, "never")
+    if mlflow_version is not None:
+        registration["metrics"]["mlflow_registered_version"] = mlflow_version
     metrics: dict[str, Any] = {}
     for when in ("before", "after"):
         for key, value in getattr(report, when).items():

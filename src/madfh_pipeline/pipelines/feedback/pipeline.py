@@ -16,7 +16,14 @@ def create_pipeline(**kwargs: object) -> Pipeline:
             ),
             node(
                 learn_from_feedback,
-                ["feedback_labels", "inspection_models", "model_version", "params:feedback", "params:category"],
+                [
+                    "feedback_labels",
+                    "inspection_models",
+                    "model_version",
+                    "params:feedback",
+                    "params:category",
+                    "params:inspection",
+                ],
                 ["feedback_inspection_model", "feedback_model_version", "feedback_report", "feedback_metrics"],
                 name="learn_from_feedback",
             ),

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def inspection_settings(inspection: dict[str, Any]) -> dict[str, Any]:
     """The :class:`~madfh_pipeline.inspection.InspectionSettings` part of the ``inspection`` parameters."""
-    keys = ("review_band_std", "top_regions", "describer", "runtime", "batch_size", "limits")
+    keys = ("review_band_std", "top_regions", "describer", "runtime", "batch_size", "limits")  # not mlflow/batch
     return {k: inspection[k] for k in keys if k in inspection}
 
 
@@ -59,8 +59,36 @@ def publish_inspection_model(
             if v is not None
         },
     }
+    mlflow_version = register_mlflow_model(published, category["name"], model.name, inspection, "if_missing")
+    if mlflow_version is not None:
+        registration["metrics"]["mlflow_registered_version"] = mlflow_version
     logger.info("[%s] inspection model %s published.", category["name"], version)
     return published, registration
+
+
+def register_mlflow_model(
+    model: Any, category: str, run_name: str, inspection: dict[str, Any], default_champion: str
+) -> str | None:
+    """Log the inspection model as an MLflow pyfunc in the given detector run and register it as madfh-<category>.
+
+    Content-addressed (``reuse=True``): an unchanged model is not registered again. Returns the registered model
+    version, or None when there is no MLflow run or registration is switched off.
+    """
+    settings = inspection.get("mlflow") or {}
+    run_id = tracking.detector_run_id(category, run_name)
+    if run_id is None or not settings.get("register", True):
+        return None
+    from madfh_pipeline.serving.pyfunc import log_inspection_model
+
+    logged = log_inspection_model(model, run_id=run_id, champion=settings.get("champion", default_champion), reuse=True)
+    logger.info(
+        "[%s] MLflow: %s version %s (champion: %s).",
+        category,
+        logged.registered_model_name,
+        logged.version,
+        logged.champion_version,
+    )
+    return str(logged.version) if logged.version is not None else None
 
 
 def _embedding(model: Any, image: np.ndarray) -> list[float] | None:
