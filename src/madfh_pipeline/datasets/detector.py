@@ -120,7 +120,11 @@ class ModelCache:
                 logger.info("Not reusing '%s': %s", path, exc)
                 continue
             if (header.get("provenance") or {}).get("training_fingerprint") == training_fingerprint:
-                detector = load_detector(path, device=self.device)
+                try:
+                    detector = load_detector(path, device=self.device)
+                except (ValueError, ModelFileError) as exc:  # e.g. saved by a version whose config keys changed
+                    logger.info("Not reusing '%s': it no longer loads (%s).", path, exc)
+                    continue
                 detector.source_file = str(path)  # lets an unchanged re-save link instead of copying
                 return detector, path.parent.name
         return None

@@ -131,10 +131,13 @@ def fit_detector(
     if not keys:
         raise ValueError(f"No usable train/good images for '{name}': see the validation report.")
     device = resolve_device(runtime.get("device", "auto"))
-    fingerprint = training_fingerprint(entry, store, keys)
+    # Built first so the fingerprint holds the *effective* config (the detector's defaults filled in): a saved model
+    # is reused only when the defaults it was trained with are still the defaults.
+    model = build_detector(entry["type"], entry["config"], entry.get("module"))
+    fingerprint = training_fingerprint(entry | {"config": model.config}, store, keys)
     params = {
         "detector": entry["type"],
-        "config": entry["config"],
+        "config": model.config,
         "device": str(device),
         "n_train": len(keys),
         "training_fingerprint": fingerprint,
@@ -145,7 +148,6 @@ def fit_detector(
         model, version = found
         model.to(device)
         attach_features(model, features)
-        params["config"] = model.config
         logger.info(
             "%s: reusing the model saved at version %s: same detector, config and %d training images (fingerprint "
             "%s). Set detection.runtime.reuse_models: false to retrain anyway.",
@@ -157,9 +159,8 @@ def fit_detector(
         params["tags"] = {"reused_model": version}
         return model, {"fit_seconds": 0.0, "n_train": float(len(keys)), "reused_model": 1.0}, params
 
-    model = build_detector(entry["type"], entry["config"], entry.get("module")).to(device)
+    model.to(device)
     attach_features(model, features)
-    params["config"] = model.config  # defaults filled in: every value that took effect
     batch_size = int(runtime.get("batch_size", 8))
     logger.info("Fitting %s on %d train/good images (device %s).", name, len(keys), device)
 
