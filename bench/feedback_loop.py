@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from common import ROOT, git_revision  # noqa: E402  bench/common.py (the script directory is on sys.path)
 
 from madfh_pipeline import metrics as M  # noqa: E402
+from madfh_pipeline.calibration import thresholds_from_normal  # noqa: E402
 from madfh_pipeline.feedback.learning import (  # noqa: E402
     FeedbackSettings,
     apply_feedback,
@@ -44,7 +45,7 @@ from madfh_pipeline.feedback.learning import (  # noqa: E402
     image_auroc,
 )
 from madfh_pipeline.imaging import Geometry, read_image  # noqa: E402
-from madfh_pipeline.models.base import Thresholds, build_detector  # noqa: E402
+from madfh_pipeline.models.base import build_detector  # noqa: E402
 
 logger = logging.getLogger("bench.feedback_loop")
 
@@ -97,14 +98,7 @@ def _predict(detector: Any, images: torch.Tensor, batch: int = 8) -> tuple[np.nd
 
 def _calibrate(detector: Any, validation: torch.Tensor) -> None:
     scores, maps = _predict(detector, validation)
-    pixel, pixel_mean, pixel_std = M.mean_std_threshold(list(maps), k=3.0)
-    image, image_mean, image_std = M.mean_std_threshold(scores, k=3.0)
-    detector.thresholds = Thresholds(
-        pixel=pixel,
-        image=image,
-        rule="mean+3std of validation/good",
-        stats={"pixel_mean": pixel_mean, "pixel_std": pixel_std, "image_mean": image_mean, "image_std": image_std},
-    )
+    detector.thresholds = thresholds_from_normal(list(maps), scores)
 
 
 def _held_out_numbers(

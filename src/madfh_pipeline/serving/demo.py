@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from madfh_pipeline.calibration import thresholds_from_normal
 from madfh_pipeline.demo.synth import SceneSpec, render_normal, render_pair
 from madfh_pipeline.inspection import (
     CategoryFacts,
@@ -23,7 +24,6 @@ from madfh_pipeline.inspection import (
     PreprocessingSpec,
     to_tensor,
 )
-from madfh_pipeline.metrics import mean_std_threshold
 from madfh_pipeline.models.base import AnomalyDetector, Thresholds, build_detector
 
 #: A PatchCore small enough to fit a dozen thumbnails in about a second (every patch kept up to the bank cap).
@@ -59,20 +59,7 @@ def calibrate(
             out = detector.predict(to_tensor([canvas]))
         maps.append(out.maps[0][geometry.content].astype(np.float32))
         scores.append(float(out.scores[0]))
-    pixel, pixel_mean, pixel_std = mean_std_threshold(maps, k=pixel_k)
-    image, image_mean, image_std = mean_std_threshold(np.asarray(scores, np.float64), k=image_k)
-    return Thresholds(
-        pixel=float(pixel),
-        image=float(image),
-        rule=f"pixel: mean+{pixel_k}std of validation/good pixels; image: mean_std of validation/good scores",
-        stats={
-            "pixel_mean": float(pixel_mean),
-            "pixel_std": float(pixel_std),
-            "image_mean": float(image_mean),
-            "image_std": float(image_std),
-            "n_validation": float(len(images)),
-        },
-    )
+    return thresholds_from_normal(maps, scores, {"pixel_k": pixel_k, "image_k": image_k})
 
 
 def build_demo_model(

@@ -22,11 +22,11 @@ import pandas as pd
 import torch
 
 from madfh_pipeline import __version__
+from madfh_pipeline.calibration import thresholds_from_normal
 from madfh_pipeline.datasets.detector import ModelCache
 from madfh_pipeline.datasets.feature_store import FeatureStore
 from madfh_pipeline.datasets.image_store import ImageStore
 from madfh_pipeline.imaging import Geometry
-from madfh_pipeline.metrics import mean_std_threshold, percentile_threshold
 from madfh_pipeline.models.base import AnomalyDetector, Thresholds, build_detector, resolve_device, stable_hash
 from madfh_pipeline.progress import progress
 from madfh_pipeline.streaming import image_batches
@@ -230,31 +230,15 @@ def calibrate_thresholds(
         scores.append(out.scores.astype(np.float64))
         bar.update(len(chunk))
     bar.close()
-    k = float(thresholds.get("pixel_k", 3.0))
-    pixel, mean, std = mean_std_threshold(maps, k=k)
-    image_scores = np.concatenate(scores)
-    rule = thresholds.get("image_rule", "mean_std")
-    if rule == "mean_std":
-        image, image_mean, image_std = mean_std_threshold(image_scores, k=float(thresholds.get("image_k", 3.0)))
-    elif rule == "percentile":
-        image = percentile_threshold(image_scores, float(thresholds.get("image_percentile", 99.0)))
-        image_mean, image_std = float(image_scores.mean()), float(image_scores.std())
-    else:
-        raise ValueError(f"Unknown image threshold rule '{rule}': use 'mean_std' or 'percentile'.")
-    model.thresholds = Thresholds(
-        pixel=float(pixel),
-        image=float(image),
-        rule=f"pixel: mean+{k}std of validation/good pixels; image: {rule} of validation/good scores",
-        stats={
-            "pixel_mean": float(mean),
-            "pixel_std": float(std),
-            "image_mean": float(image_mean),
-            "image_std": float(image_std),
-            "n_validation": float(len(keys)),
-        },
-    )
+    model.thresholds = thresholds_from_normal(maps, np.concatenate(scores), thresholds)
     model.provenance = dict(model.provenance) | {"calibration_fingerprint": calibration}
-    logger.info("%s thresholds: pixel %.4g, image %.4g (%s).", model.name, pixel, image, model.thresholds.rule)
+    logger.info(
+        "%s thresholds: pixel %.4g, image %.4g (%s).",
+        model.name,
+        model.thresholds.pixel,
+        model.thresholds.image,
+        model.thresholds.rule,
+    )
     return model, _threshold_metrics(model.thresholds)
 
 
