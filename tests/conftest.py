@@ -15,10 +15,12 @@ os.environ["MPLBACKEND"] = "Agg"
 import copy  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
+import logging  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import Callable, Iterator, Mapping  # noqa: E402
+from collections.abc import Callable, Iterator, Mapping, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -262,17 +264,12 @@ def empty_mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture
-def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Iterator[Path]:
-    """A copy of the project (conf/ and pyproject.toml) in ``tmp_path/project`` with a ``test`` env; cwd is set there.
+def build_kedro_project(project: Path, empty_mlflow_db: Path) -> Path:
+    """Write the temp project of :func:`kedro_project` into ``project`` (a new folder) and return it.
 
-    ``conf/local`` starts empty (a developer's own local settings must not leak in). Relative paths of the catalog
-    (``data/...``) therefore resolve inside the temp project; MLflow writes ``<project>/mlflow.db`` (a copy of an empty,
-    migrated database). The generated
-    data root is ``<project>/data/01_raw/test_demo``. MLflow runs left active are closed before and after.
+    For fixtures of a wider scope than a test (which cannot take ``kedro_project``); they set the cwd themselves.
     """
-    project = tmp_path / "project"
-    project.mkdir()
+    project.mkdir(parents=True)
     shutil.copy2(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
@@ -283,6 +280,19 @@ def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_
     shutil.copy2(empty_mlflow_db, project / "mlflow.db")
     for name, content in _test_env(project).items():
         (test_env / name).write_text(yaml.safe_dump(content, sort_keys=False))
+    return project
+
+
+@pytest.fixture
+def kedro_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_mlflow_db: Path) -> Iterator[Path]:
+    """A copy of the project (conf/ and pyproject.toml) in ``tmp_path/project`` with a ``test`` env; cwd is set there.
+
+    ``conf/local`` starts empty (a developer's own local settings must not leak in). Relative paths of the catalog
+    (``data/...``) therefore resolve inside the temp project; MLflow writes ``<project>/mlflow.db`` (a copy of an empty,
+    migrated database). The generated
+    data root is ``<project>/data/01_raw/test_demo``. MLflow runs left active are closed before and after.
+    """
+    project = build_kedro_project(tmp_path / "project", empty_mlflow_db)
     monkeypatch.chdir(project)
     monkeypatch.delenv("KEDRO_ENV", raising=False)
     end_active_mlflow_runs()
@@ -627,3 +637,216 @@ def base_catalog_resolver() -> Any:
 def catalog_resolver() -> Any:
     """See :func:`base_catalog_resolver`."""
     return base_catalog_resolver()
+
+
+# ---- runs of the stages that need a trained category (vlm_features, explainer, inspection, feedback, notebook) ----
+
+
+def write_demo_tree(
+    root: Path,
+    category: str = "wallplugs",
+    width: int = TEST_ENV_WIDTH,
+    height: int = TEST_ENV_HEIGHT,
+    channels: int = 1,
+    counts: Mapping[str, int] | None = None,
+    seed: int = 7,
+    defect_px: float | None = None,
+    defect_kinds: Sequence[str] | None = None,
+) -> Path:
+    """The demo data set of one category, rendered as the ``demo_data`` pipeline renders it, without a Kedro run.
+
+    Procedural scenes of the category's style with real defects (and their 0/255 masks), in the MVTec AD 2 layout
+    under ``<root>/<category>/``; ``counts`` as :data:`TEST_ENV_COUNTS` (the default). Returns the category folder.
+
+    ``defect_px`` / ``defect_kinds`` pin every defective image to one defect of that size and those kinds (the demo
+    draws 1-3 defects whose size scales with the image: on thumbnails most of them are a few pixels, which no
+    detector finds at a 64² canvas; tests that need detections that follow the defects pin them).
+    """
+    from madfh_pipeline.demo.synth import SceneSpec, plan_dataset, render_item, render_pair
+
+    spec = SceneSpec(category, width, height, channels)
+    folder = Path(root) / category
+    for item in plan_dataset(spec, dict(counts or TEST_ENV_COUNTS), seed):
+        if item.kind == "defective" and (defect_px is not None or defect_kinds is not None):
+            rng = np.random.default_rng(item.seed)
+            pair = render_pair(spec, rng, item.render_lighting, n_defects=1, kinds=defect_kinds, size_px=defect_px)
+            _write_png(folder / item.image_path, pair.image)
+            if item.mask_path is not None:
+                _write_png(folder / item.mask_path, pair.mask)
+            continue
+        for relpath, array in render_item(spec, item).items():
+            _write_png(folder / relpath, array)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_demo_tree() -> Callable[..., Path]:
+    """Factory ``make_demo_tree(root, category="wallplugs", width=96, height=80, channels=1, counts=None, seed=7)``.
+
+    See :func:`write_demo_tree`.
+    """
+    return write_demo_tree
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def run_pipelines(project: Path, env: str, *pipelines: str, **options: Any) -> str:
+    """``kedro run --env <env> --pipelines <pipelines>`` through a KedroSession; returns the run's INFO log.
+
+    ``options`` go to ``session.run`` (``node_names``, ``to_nodes``, ...). MLflow runs left active are closed before
+    and after, also when the run fails (the exception propagates). The caller sets the cwd to the project.
+    """
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)  # before the handler: a first bootstrap may re-apply the logging configuration
+    end_active_mlflow_runs()
+    handler = _Collect()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with KedroSession.create(project_path=project, env=env) as session:
+            session.run(pipeline_names=list(pipelines), **options)
+    finally:
+        root.removeHandler(handler)
+        end_active_mlflow_runs()
+    return "\n".join(handler.lines)
+
+
+@pytest.fixture(scope="session")
+def run_kedro_session() -> Callable[..., str]:
+    """Factory ``run_kedro_session(project, env, *pipelines, **options) -> log``: see :func:`run_pipelines`."""
+    return run_pipelines
+
+
+#: Defects of the stage tests' defective images: one, large enough to be seen on a thumbnail.
+VISIBLE_DEFECTS: dict[str, Any] = {"defect_px": 24, "defect_kinds": ("scratch", "missing_piece", "crack")}
+#: A small PatchCore: with the test env's 1 % coreset a 64² canvas leaves a bank of a few patches.
+SMALL_PATCHCORE = {"coreset_ratio": 0.25}
+#: The stage tests' category: gray sheet metal, whose visible defects PatchCore finds at the test env's 64² canvas.
+STAGE_CATEGORY = "sheet_metal"
+
+
+def build_category_project(
+    folder: Path,
+    empty_mlflow_db: Path,
+    env: str,
+    parameters: Mapping[str, Any] | None = None,
+    category: str = STAGE_CATEGORY,
+    counts: Mapping[str, int] | None = None,
+    seed: int = 11,
+) -> Path:
+    """A temp project (:func:`build_kedro_project`) with demo data of ``category`` and an env derived from ``test``.
+
+    The data has :data:`VISIBLE_DEFECTS`; the env's PatchCore keeps a quarter of the patches (:data:`SMALL_PATCHCORE`)
+    and ``parameters`` are merged on top. Returns the project; the cwd is left alone.
+    """
+    project = build_kedro_project(folder, empty_mlflow_db)
+    write_demo_tree(project / "data" / "01_raw" / "test_demo", category, counts=counts, seed=seed, **VISIBLE_DEFECTS)
+    base = {"detection": {"models": {"patchcore": {"config": SMALL_PATCHCORE}}}}
+    write_env(project, env, deep_merge(base, parameters or {}))
+    return project
+
+
+@pytest.fixture(scope="session")
+def make_category_project(empty_mlflow_db: Path) -> Callable[..., Path]:
+    """Factory ``make_category_project(folder, env, parameters=None, category="sheet_metal", counts=None, seed=11)``.
+
+    See :func:`build_category_project`; usable from fixtures of any scope (it does not change the cwd).
+    """
+
+    def make(folder: Path, env: str, parameters: Mapping[str, Any] | None = None, **options: Any) -> Path:
+        return build_category_project(folder, empty_mlflow_db, env, parameters, **options)
+
+    return make
+
+
+INSPECTED_COUNTS = {
+    "train": 6,
+    "validation": 3,
+    "test_public_good": 4,
+    "test_public_bad": 4,
+    "test_private": 1,
+    "test_private_mixed": 1,
+}
+INSPECTED_ENV = "inspected"
+
+
+@dataclass(frozen=True)
+class InspectedRun:
+    """A category trained, evaluated and inspected once (see :func:`inspected_run`)."""
+
+    project: Path
+    env: str
+    category: str
+    log: str
+    inbox: Path
+    #: inbox file name → what it is: ``good`` / ``bad`` (test_public images), ``large`` (a good one at 2× the size),
+    #: ``jpeg`` (a bad one as JPEG), ``corrupt`` (PNG signature + garbage)
+    files: dict[str, str]
+
+
+def _fill_inbox(inbox: Path, raw: Path) -> dict[str, str]:
+    """A line's drop folder: the category's test_public images plus a JPEG, another size, a corrupt file, a note."""
+    files: dict[str, str] = {}
+    inbox.mkdir(parents=True, exist_ok=True)
+    for label in ("good", "bad"):
+        for source in sorted((raw / "test_public" / label).glob("*.png")):
+            shutil.copy2(source, inbox / f"{label}_{source.name}")
+            files[f"{label}_{source.name}"] = label
+    good = sorted((raw / "test_public" / "good").glob("*.png"))[0]
+    bad = sorted((raw / "test_public" / "bad").glob("*.png"))[0]
+    image = cv2.imread(str(good), cv2.IMREAD_UNCHANGED)
+    assert cv2.imwrite(str(inbox / "large.png"), cv2.resize(image, None, fx=2.0, fy=2.0))
+    files["large.png"] = "large"
+    assert cv2.imwrite(str(inbox / "bad_as.jpg"), cv2.imread(str(bad), cv2.IMREAD_UNCHANGED))
+    files["bad_as.jpg"] = "jpeg"
+    (inbox / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 10)
+    files["corrupt.png"] = "corrupt"
+    (inbox / "notes.txt").write_text("not an image: ignored by the listing\n")
+    return files
+
+
+@pytest.fixture(scope="session")
+def inspected_run(tmp_path_factory: pytest.TempPathFactory, empty_mlflow_db: Path) -> Iterator[InspectedRun]:
+    """One ``kedro run --env inspected --pipelines=sheet_metal`` in a temp project, shared by read-mostly tests.
+
+    Demo data with visible defects, autoencoder + PatchCore, canvas metrics, grounded explanations only (learned
+    explainer and MiniCPM-V off, as in the demo), and the inspection stage on, inspecting a drop folder
+    ``data/inbox/sheet_metal`` (:func:`_fill_inbox`) with PatchCore's model. Tests that run more in it chdir into
+    ``project`` themselves and leave the run's outputs as they found them (the inspection, explainer and notebook
+    tests share it).
+    """
+    category = STAGE_CATEGORY
+    parameters = {
+        "detection": {"detectors": ["autoencoder", "patchcore"]},
+        "inspection": {"enabled": True, "detector": "patchcore"},
+    }
+    project = build_category_project(
+        tmp_path_factory.mktemp("inspected_run") / "project",
+        empty_mlflow_db,
+        INSPECTED_ENV,
+        parameters,
+        counts=INSPECTED_COUNTS,
+    )
+    inbox = project / "data" / "inbox" / category
+    files = _fill_inbox(inbox, project / "data" / "01_raw" / "test_demo" / category)
+    catalog_file = project / "conf" / INSPECTED_ENV / "catalog.yml"
+    catalog = yaml.safe_load(catalog_file.read_text())
+    catalog["{category}.inspection_images"] = {
+        "type": "madfh_pipeline.datasets.ImageFolderDataset",
+        "path": str(project / "data" / "inbox" / "{category}"),
+    }
+    catalog_file.write_text(yaml.safe_dump(catalog, sort_keys=False))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(project)
+        patch.delenv("KEDRO_ENV", raising=False)
+        log = run_pipelines(project, INSPECTED_ENV, category)
+    yield InspectedRun(project, INSPECTED_ENV, category, log, inbox, files)

@@ -237,7 +237,9 @@ def test_load_refuses_a_pickle_and_never_runs_it(tmp_path: Path, suffix: str) ->
 def test_converter_refuses_a_pickle_payload_and_never_runs_it(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     path = _crafted(tmp_path / "model.pt", marker)
-    with pytest.raises(ModelFileError, match=r"(?s)holds more than tensors and plain values.*it is refused and nothing in it ran"):
+    with pytest.raises(
+        ModelFileError, match=r"(?s)holds more than tensors and plain values.*it is refused and nothing in it ran"
+    ):
         convert_legacy_file(path)
     assert convert.main([str(path)]) == 1  # the command line says so with a non-zero exit
     assert not marker.exists()

@@ -4,63 +4,90 @@ The method: locally aware patch features from a frozen ImageNet backbone, a memo
 greedy k-center coreset selection, and nearest-neighbour distance as the anomaly score. What differs from the reference
 implementations, and why:
 
-- **Bounded training memory.** Instead of stacking every patch of every training image (anomalib keeps them all: at
-  1024² that is 16 k patches per image, gigabytes for a category), patches stream into a fixed-size uniform random
-  pool (priority/reservoir sampling), so peak memory does not grow with the number of images.
-- **Fast coreset.** The greedy k-center loop is the classic bottleneck (anomalib's took 479 s of a 510 s fit on this
-  kind of machine). It runs here on the bounded pool, in a low-dimensional Gaussian random projection (distances are
-  approximately preserved, Johnson-Lindenstrauss, which is all k-center needs), with feature-major storage so each
-  iteration is one cache-friendly matrix-vector product plus an in-place minimum, single-threaded on CPU (thousands of
-  sub-millisecond iterations lose more to thread synchronisation than they gain): about a millisecond per selected
-  point instead of a pass over every patch in the full dimension.
+- **Every patch is seen, memory stays bounded.** anomalib stacks every patch of every training image before the
+  coreset (at 1024² that is 16 k patches per image, gigabytes for a category). Here the coreset runs in two stages
+  while the patches stream by: blocks of 16 k patches (one 1024² image, sixteen 256² ones) are thinned by greedy
+  k-center to ``coreset_oversample × coreset_ratio`` of their patches, and only these candidates are kept; the final
+  greedy selection then picks the bank from the candidates. Greedy k-center keeps the farthest points first, so a
+  pattern that occurs once in the whole training set survives both stages (a uniform random pre-sample, the earlier
+  design and still available as ``coreset_sampling: random``, drops it with the probability of not sampling it: 80 %
+  for 100 k of 512 k patches). The candidate set is bounded by ``pool_max_patches`` rows: when it fills up, it is
+  halved by the same block-wise greedy and later blocks are thinned twice as hard (merge-reduce), so memory does not
+  grow with the number of images and earlier images are not favoured. On BSData this two-stage bank scores like one
+  greedy pass over all 512 k patches (anomalib's way) at a tenth of the cost; see docs/performance.md.
+- **Fast greedy k-center.** The loop is inherently sequential, so the lever is the cost of one iteration. It runs in a
+  low-dimensional Gaussian random projection (distances are approximately preserved, Johnson-Lindenstrauss, which is
+  all k-center needs), with feature-major storage so each iteration is one cache-friendly matrix-vector product plus
+  an in-place minimum, single-threaded on CPU (thousands of sub-millisecond iterations lose more to thread
+  synchronisation than they gain).
+- **A bank size that is a fraction, with bounds.** ``coreset_ratio`` of all patches seen, capped by ``max_bank_size``
+  and by ``max_knn_pairs``: the exact kNN computes patches per image × bank size distances, so this second cap keeps
+  inference cost bounded whatever the resolution (2²⁵ pairs: 4096 patches at 256² and 512² stay, 2048 at 1024²).
+  When a bound binds, the log says so and ``fit_info["bank_capped_by"]`` names it.
 - **Cheap exact kNN.** Scoring is exact nearest-neighbour search by chunked ``addmm`` (``||b||² − 2ab`` minimised per
-  query, ``||a||²`` added after the minimum since it is constant per row). The default ``embed_dim`` and
-  ``max_bank_size`` keep this at a fraction of the backbone time at 1024², so inference throughput stays close to the
-  bare backbone's.
+  query, ``||a||²`` added after the minimum since it is constant per row).
 - **Fused upsample + blur.** Bilinear upsampling and the Gaussian blur are both separable linear maps, so for the
   whole-image path they are folded into one (H × h) and one (W × w) matrix: two small matrix products replace an
   upsample plus a 33-tap convolution over millions of pixels.
+- **One number per image, chosen by measurement.** ``image_score`` says how the map becomes the image score: the
+  paper's reweighted maximum patch distance, the plain maximum patch distance, the maximum of the smoothed map (so the
+  image decision and the map agree), or the mean of the map's top pixels. docs/performance.md has the study.
 - **Optional tiling** for inputs larger than ``tile_size`` (small defects vanish when a 2448×2048 image is squashed):
   tiles are scored independently and stitched by averaging their overlap, before the blur.
+
+The configuration is checked up front: unknown keys and out-of-range values are a ``ValueError`` naming the valid
+keys or the allowed range, before any weights are loaded.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from madfh_pipeline.models.backbones import FeatureExtractor, build_backbone
 from madfh_pipeline.models.base import AnomalyDetector, BatchSource, DetectorOutput
+from madfh_pipeline.models.feedback_bank import FeedbackBankMixin
+from madfh_pipeline.progress import progress
 
 logger = logging.getLogger(__name__)
 
 #: A tile as (top, left, height, width) in input pixels.
 Box = tuple[int, int, int, int]
 
-#: Defaults chosen for EfficientNet-Lite0 at 1024² on a 2-core CPU, where the backbone takes ~0.7 s per image:
-#: embed_dim 128 and a bank of at most 2048 patches keep the exact kNN near 0.1 s (predict ran at 0.86× the bare
-#: backbone's throughput); the pool of 100 k patches bounds training memory (~50 MB, ~100 MB while buffering) and, at 64
-#: projected dimensions (26 MB, cache-resident), keeps the coreset to a few seconds whatever the number of images.
+#: How a map becomes one image score (see :meth:`PatchCore._image_scores`).
+IMAGE_SCORES: tuple[str, ...] = ("reweighted", "patch_max", "map_max", "map_top_mean")
+#: How the coreset candidates are gathered: every patch through the two-stage greedy, or a uniform random pre-sample.
+CORESET_SAMPLINGS: tuple[str, ...] = ("stream", "random")
+
+#: The single source of PatchCore's defaults (the pipeline's parameters only override). Chosen by the study in
+#: docs/performance.md ("PatchCore defaults"): on real data (BSData pitting at 256², ELPV solar cells) and on the
+#: 1024² demo scenes, chosen on one half of each test set and reported on the other.
 DEFAULT_CONFIG: dict[str, Any] = {
     "backbone": "efficientnet_lite0",
     "layers": None,  # None: the backbone's defaults (lite0: blocks.2 + blocks.4; resnets: layer2 + layer3)
     "weights_path": None,
-    "embed_dim": 128,  # None keeps all concatenated channels
+    "embed_dim": None,  # None keeps all concatenated channels; an int averages channels down to that width
     "neighbourhood": 3,  # local aggregation kernel (PatchCore's p = 3)
-    "coreset_ratio": 0.01,  # fraction of all training patches seen; None: use max_bank_size only
-    "max_bank_size": 2048,  # cap that bounds inference cost; None: no cap
-    "pool_max_patches": 100_000,  # uniform random pre-sample kept from training before the coreset
+    "coreset_ratio": 0.01,  # bank = this fraction of all training patches seen ...
+    "max_bank_size": 4096,  # ... capped here; None: no cap
+    "max_knn_pairs": 33_554_432,  # ... and so that bank size × patches per image <= 2**25 (inference cost); None: off
+    "coreset_sampling": "stream",  # "stream": every patch, two-stage greedy; "random": uniform pre-sample first
+    "coreset_oversample": 4.0,  # stage 1 keeps oversample × coreset_ratio of every block of patches
+    "pool_max_patches": 250_000,  # memory bound of the candidate set, in patches (rows)
     "coreset_projection_dim": 64,  # random projection used by the greedy selection; None: full dimension
-    "num_neighbors": 9,  # PatchCore image-score reweighting; 1 disables it (score = max patch distance)
+    "image_score": "map_top_mean",  # one of IMAGE_SCORES
+    "image_top_patches": 9,  # map_top_mean: how many patches' worth (stride² pixels each) of the highest map values
+    "num_neighbors": 9,  # reweighted: PatchCore's neighbourhood of the nearest bank patch
     "tile_size": None,  # None: whole image; else square tiles of this many pixels for larger inputs
     "tile_overlap": 0.25,  # fraction of tile_size shared by neighbouring tiles
     "sigma": 4.0,  # Gaussian smoothing of the anomaly map, in input pixels
@@ -70,10 +97,24 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "batch_size": None,  # images or tiles per backbone forward; None: by pixel budget (see _micro_batch)
 }
 
+#: Keys that change only how a fitted bank is used, never the bank itself: a detector that differs only in these can
+#: take another's state (benchmarks use it to score several image-score rules with one fit).
+PREDICT_ONLY_KEYS: tuple[str, ...] = (
+    "image_score",
+    "image_top_patches",
+    "num_neighbors",
+    "sigma",
+    "knn_chunk_size",
+    "knn_backend",
+)
+
 #: Pixels per backbone forward when ``batch_size`` is None. On CPU one 1024² image per forward is fastest (batch 4 at
 #: 1024² measured 2.5× slower per image: the activations no longer fit in cache); GPUs want larger batches.
 _CPU_PIXEL_BUDGET = 1024 * 1024
 _GPU_PIXEL_BUDGET = 8 * 1024 * 1024
+#: Patches per block of the first coreset stage (one 1024² image; sixteen 256² ones). Smaller blocks are cheaper (the
+#: cost grows with block size × points kept) but cover common patterns too coarsely; see :class:`_StreamingCoreset`.
+_STAGE1_BLOCK = 16384
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -113,8 +154,7 @@ def greedy_coreset(
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     x = features.detach().float()
     if projection_dim is not None and dim > projection_dim:
-        projection = torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
-        x = x @ projection.to(x.device)
+        x = x @ gaussian_projection(dim, projection_dim, generator).to(x.device)
     sq_norms = (x * x).sum(dim=1)
     augmented = torch.cat([x.T, torch.ones(1, n, device=x.device), sq_norms[None]]).contiguous()  # (p + 2, n)
     # Points that coincide with a chosen one (up to float round-off of the expanded distance) count as covered.
@@ -129,6 +169,11 @@ def greedy_coreset(
     else:
         raise ValueError(f"loop must be 'auto', 'numpy' or 'torch', got {loop!r}.")
     return torch.tensor(selected, dtype=torch.long)
+
+
+def gaussian_projection(dim: int, projection_dim: int, generator: torch.Generator) -> torch.Tensor:
+    """(dim × projection_dim) Gaussian random projection, scaled so squared distances are preserved on average."""
+    return torch.randn(dim, projection_dim, generator=generator) / math.sqrt(projection_dim)
 
 
 def _greedy_loop_torch(augmented: torch.Tensor, k: int, first: int, tolerance: float) -> list[int]:
@@ -172,17 +217,24 @@ def _greedy_loop_numpy(augmented: np.ndarray, k: int, first: int, tolerance: flo
     return selected
 
 
+_BLAS_CONTROLLER: Any = None
+
+
 def _single_threaded_blas() -> AbstractContextManager[Any]:
     """Limit numpy's BLAS to one thread for a block (threadpoolctl ships with scikit-learn); no-op without it.
 
     Only the dynamically loaded BLAS of numpy/scipy is touched, never torch's thread settings (an explicit
-    ``torch.set_num_threads`` has broken oneMKL calls on these machines, see DESIGN.md).
+    ``torch.set_num_threads`` has broken oneMKL calls on these machines, see DESIGN.md). The controller is built once:
+    scanning the loaded libraries costs ~2 ms, which the first coreset stage would otherwise pay once per image.
     """
+    global _BLAS_CONTROLLER  # noqa: PLW0603 - a process-wide cache of an expensive, immutable scan
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:
         return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    if _BLAS_CONTROLLER is None:
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
@@ -283,23 +335,228 @@ class _ReservoirPool:
         return self.rows[0]
 
 
+class _StreamingCoreset:
+    """First coreset stage over every patch, with a bounded candidate set (see the module docstring).
+
+    ``add`` takes patches in stream order (one image or tile at a time); they are gathered into blocks of ``block``
+    patches, whatever the batching, and each block keeps ``rate`` of its patches by greedy k-center in a fixed random
+    projection. Both the full rows (for the bank) and their projections (for the final selection) are kept. When more
+    than ``capacity`` candidates are held, every block of candidates is halved by the same greedy and ``rate`` is
+    halved, so all images stay equally represented (merge-reduce) and memory stays at ``capacity × (D + p) × 4`` bytes
+    plus one block.
+
+    Why blocks of many patches rather than one image: k-center spends its first picks on a block's outliers, so a
+    block must be large enough that the picks left over still cover its common patterns finely. With one 256² image
+    per block (1024 patches, 41 picks) BSData's image AUROC fell from 0.939 (one greedy over all 512 k patches) to
+    0.902; with 16 k-patch blocks it was 0.934 (docs/performance.md). A block is also what one 1024² image holds.
+
+    Everything here is numpy under a one-thread BLAS limit: the work per block is a few hundred small operations, and
+    torch's thread pool made each of them cost ~20 ms on a loaded 2-core machine.
+    """
+
+    def __init__(
+        self, rate: float, capacity: int, projection_dim: int | None, seed: int, block: int = _STAGE1_BLOCK
+    ) -> None:
+        self.rate = min(1.0, float(rate))
+        self.capacity = int(capacity)
+        self.projection_dim = projection_dim
+        self.seed = int(seed)
+        self.block = int(block)
+        self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.rng = np.random.default_rng(self.seed)
+        self.projection: np.ndarray | None = None
+        self.pending: list[np.ndarray] = []
+        self.pending_count = 0
+        self.rows: list[np.ndarray] = []
+        self.projected: list[np.ndarray] = []
+        self.count = 0
+        self.seen = 0
+        self.compactions = 0
+        self.seconds = 0.0
+
+    def _project(self, rows: np.ndarray) -> np.ndarray:
+        dim = rows.shape[1]
+        if self.projection_dim is None or dim <= self.projection_dim:
+            return np.ascontiguousarray(rows, dtype=np.float32)
+        if self.projection is None:  # the same draw as greedy_coreset's, from a generator seeded alike
+            self.projection = gaussian_projection(dim, int(self.projection_dim), self.generator).numpy()
+        return np.ascontiguousarray(rows @ self.projection, dtype=np.float32)
+
+    def _thin(self, projected: np.ndarray, rate: float) -> np.ndarray:
+        """Positions kept from one block: the first ``ceil(rate · n)`` greedy k-center picks (all when rate is 1)."""
+        n = projected.shape[0]
+        keep = max(1, math.ceil(rate * n))
+        if keep >= n:
+            return np.arange(n)
+        sq_norms = np.einsum("ij,ij->i", projected, projected)
+        augmented = np.concatenate([projected.T, np.ones((1, n), np.float32), sq_norms[None]]).astype(np.float32)
+        tolerance = 1e-6 * max(float(sq_norms.max()), 1e-12)
+        first = int(self.rng.integers(n))
+        return np.asarray(_greedy_loop_numpy(np.ascontiguousarray(augmented), keep, first, tolerance))
+
+    def add(self, rows: torch.Tensor) -> None:
+        started = time.perf_counter()
+        data = rows.detach().to("cpu", torch.float32).numpy()
+        self.seen += data.shape[0]
+        self.pending.append(data)
+        self.pending_count += data.shape[0]
+        if self.pending_count >= self.block:
+            with _single_threaded_blas():
+                self._flush(final=False)
+        self.seconds += time.perf_counter() - started
+
+    def _flush(self, final: bool) -> None:
+        """Thin every full block of pending patches (and the partial last one when ``final``)."""
+        data = np.concatenate(self.pending) if len(self.pending) > 1 else self.pending[0]
+        full = (data.shape[0] // self.block) * self.block
+        end = data.shape[0] if final else full
+        for start in range(0, end, self.block):
+            block = data[start : min(start + self.block, end)]
+            projected = self._project(block)
+            chosen = self._thin(projected, self.rate)
+            self.rows.append(block[chosen])
+            self.projected.append(projected[chosen])
+            self.count += chosen.size
+            while self.count > self.capacity:
+                self._compact()
+        self.pending = [] if end == data.shape[0] else [data[end:]]
+        self.pending_count = data.shape[0] - end
+
+    def _compact(self) -> None:
+        rows, projected = np.concatenate(self.rows), np.concatenate(self.projected)
+        kept = np.concatenate(
+            [
+                self._thin(projected[start : start + self.block], 0.5) + start
+                for start in range(0, rows.shape[0], self.block)
+            ]
+        )
+        self.rows, self.projected = [rows[kept]], [projected[kept]]
+        self.count = kept.size
+        self.rate /= 2.0
+        self.compactions += 1
+        logger.info(
+            "PatchCore coreset: candidate set reached pool_max_patches=%d; halved to %d, later images thinned to %.4g "
+            "of their patches",
+            self.capacity,
+            self.count,
+            self.rate,
+        )
+
+    def candidates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(full rows, projected rows) of all candidates, as tensors sharing the pool's memory; thins the last block."""
+        if self.pending_count:
+            started = time.perf_counter()
+            with _single_threaded_blas():
+                self._flush(final=True)
+            self.seconds += time.perf_counter() - started
+        if not self.rows:
+            return torch.empty(0, 0), torch.empty(0, 0)
+        self.rows, self.projected = [np.concatenate(self.rows)], [np.concatenate(self.projected)]
+        return torch.from_numpy(self.rows[0]), torch.from_numpy(self.projected[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configuration checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def validate_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The full configuration (defaults + ``config``), or a ``ValueError`` naming every problem at once.
+
+    Why strict: a misspelt key (``coreset_rato``) used to be ignored with a warning and the run went on with the
+    default, producing a model that is not the one asked for. Checking everything before the backbone's weights are
+    loaded makes a bad parameters file fail in a second, with every mistake listed.
+    """
+    unknown = sorted(set(config) - set(DEFAULT_CONFIG))
+    if unknown:
+        raise ValueError(
+            f"Unknown PatchCore config key(s): {', '.join(unknown)}. Valid keys: {', '.join(sorted(DEFAULT_CONFIG))}."
+        )
+    cfg = {**DEFAULT_CONFIG, **config}
+    errors: list[str] = []
+
+    def positive_int(key: str, optional: bool = False, minimum: int = 1) -> None:
+        value = cfg[key]
+        if value is None and optional:
+            return
+        if not _is_int(value) or value < minimum:
+            errors.append(f"{key} must be an integer >= {minimum}{' or null' if optional else ''}, got {value!r}")
+
+    def choice(key: str, options: tuple[str, ...]) -> None:
+        if cfg[key] not in options:
+            errors.append(f"{key} must be one of {', '.join(options)}, got {cfg[key]!r}")
+
+    if not isinstance(cfg["backbone"], str) or not cfg["backbone"]:
+        errors.append(f"backbone must be a backbone name, got {cfg['backbone']!r}")
+    layers = cfg["layers"]
+    if layers is not None and (
+        isinstance(layers, str)
+        or not isinstance(layers, list | tuple)
+        or not layers
+        or not all(isinstance(layer, str) for layer in layers)
+    ):
+        errors.append(f"layers must be a non-empty list of layer names or null, got {layers!r}")
+    if cfg["weights_path"] is not None and not isinstance(cfg["weights_path"], str | Path):
+        errors.append(f"weights_path must be a file path or null, got {cfg['weights_path']!r}")
+    positive_int("embed_dim", optional=True)
+    if not _is_int(cfg["neighbourhood"]) or cfg["neighbourhood"] < 1 or cfg["neighbourhood"] % 2 == 0:
+        errors.append(f"neighbourhood must be a positive odd kernel size, got {cfg['neighbourhood']!r}")
+    if not _is_number(cfg["coreset_ratio"]) or not 0.0 < cfg["coreset_ratio"] <= 1.0:
+        errors.append(f"coreset_ratio must be a fraction in (0, 1], got {cfg['coreset_ratio']!r}")
+    positive_int("max_bank_size", optional=True)
+    positive_int("max_knn_pairs", optional=True)
+    choice("coreset_sampling", CORESET_SAMPLINGS)
+    if not _is_number(cfg["coreset_oversample"]) or cfg["coreset_oversample"] < 1.0:
+        errors.append(f"coreset_oversample must be a number >= 1, got {cfg['coreset_oversample']!r}")
+    positive_int("pool_max_patches")
+    if (
+        _is_int(cfg["pool_max_patches"])
+        and _is_int(cfg["max_bank_size"])
+        and cfg["pool_max_patches"] < 2 * cfg["max_bank_size"]
+    ):
+        errors.append(
+            f"pool_max_patches ({cfg['pool_max_patches']}) must be at least twice max_bank_size "
+            f"({cfg['max_bank_size']}): the bank is chosen from the candidates it bounds"
+        )
+    positive_int("coreset_projection_dim", optional=True)
+    choice("image_score", IMAGE_SCORES)
+    if not _is_number(cfg["image_top_patches"]) or cfg["image_top_patches"] <= 0:
+        errors.append(f"image_top_patches must be a positive number of patches, got {cfg['image_top_patches']!r}")
+    positive_int("num_neighbors")
+    positive_int("tile_size", optional=True, minimum=32)
+    if not _is_number(cfg["tile_overlap"]) or not 0.0 <= cfg["tile_overlap"] < 1.0:
+        errors.append(f"tile_overlap is a fraction of tile_size in [0, 1), got {cfg['tile_overlap']!r}")
+    if not _is_number(cfg["sigma"]) or cfg["sigma"] < 0:
+        errors.append(f"sigma must be a number >= 0 (0: no smoothing), got {cfg['sigma']!r}")
+    positive_int("knn_chunk_size")
+    choice("knn_backend", ("torch", "faiss", "auto"))
+    positive_int("seed", minimum=0)
+    positive_int("batch_size", optional=True)
+    if errors:
+        raise ValueError("Invalid PatchCore config: " + "; ".join(errors) + ".")
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The detector
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class PatchCore(AnomalyDetector):
+class PatchCore(FeedbackBankMixin, AnomalyDetector):
     """PatchCore anomaly detector; see the module docstring and :data:`DEFAULT_CONFIG` for the options."""
 
     name = "patchcore"
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
-        config = dict(config or {})
-        unknown = sorted(set(config) - set(DEFAULT_CONFIG))
-        if unknown:  # warn, not fail: Kedro parameter groups may carry keys meant for other detectors
-            logger.warning("PatchCore ignores unknown config keys: %s", ", ".join(unknown))
-        super().__init__({**DEFAULT_CONFIG, **config})
-        self._validate_config()
+        super().__init__(validate_config(dict(config or {})))
         cfg = self.config
         self.backbone: FeatureExtractor = build_backbone(cfg["backbone"], cfg["layers"], cfg["weights_path"])
         self._projections = self._channel_projections()
@@ -307,27 +564,12 @@ class PatchCore(AnomalyDetector):
         self._bank_sq: torch.Tensor | None = None
         self._faiss_index: Any = None
         self._resample_cache: dict[tuple[int, int, str], torch.Tensor] = {}
-        self.fit_info: dict[str, float] = {}
+        self.fit_info: dict[str, Any] = {}
+        self.defect_bank = None  # operators' confirmed defects (FeedbackBankMixin); none until feedback
+        self.defect_weight = 0.0
+        self.normal_patches_added = 0
 
     # ---------------------------------------------------------------- configuration
-    def _validate_config(self) -> None:
-        cfg = self.config
-        if int(cfg["neighbourhood"]) < 1 or int(cfg["neighbourhood"]) % 2 == 0:
-            raise ValueError(f"neighbourhood must be a positive odd kernel size, got {cfg['neighbourhood']}.")
-        if cfg["coreset_ratio"] is None and cfg["max_bank_size"] is None:
-            raise ValueError("Set coreset_ratio and/or max_bank_size: otherwise the memory bank size is undefined.")
-        if cfg["coreset_ratio"] is not None and not 0.0 < float(cfg["coreset_ratio"]) <= 1.0:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {cfg['coreset_ratio']}.")
-        if not 0.0 <= float(cfg["tile_overlap"]) < 1.0:
-            raise ValueError(f"tile_overlap is a fraction of tile_size in [0, 1), got {cfg['tile_overlap']}.")
-        if cfg["tile_size"] is not None and int(cfg["tile_size"]) < 32:
-            raise ValueError(f"tile_size must be at least 32 pixels, got {cfg['tile_size']}.")
-        if cfg["knn_backend"] not in ("torch", "faiss", "auto"):
-            raise ValueError(f"knn_backend must be 'torch', 'faiss' or 'auto', got {cfg['knn_backend']!r}.")
-        for key in ("pool_max_patches", "knn_chunk_size", "batch_size", "num_neighbors"):
-            if cfg[key] is not None and int(cfg[key]) < 1:
-                raise ValueError(f"{key} must be >= 1, got {cfg[key]}.")
-
     def _channel_projections(self) -> list[torch.Tensor | None]:
         """Per-layer channel-averaging matrices (PatchCore's adaptive average pooling over channels).
 
@@ -422,57 +664,103 @@ class PatchCore(AnomalyDetector):
     # ---------------------------------------------------------------- fit
     @torch.no_grad()
     def fit(self, batches: BatchSource) -> dict[str, list[float]]:
-        """One pass over the normal images: stream patches into the bounded pool, then thin it to the memory bank.
+        """One pass over the normal images: every patch goes through the coreset's first stage, then the bank is chosen.
 
-        Returns one-element histories: images, patches_seen, pool_size, bank_size, feature_seconds, coreset_seconds
-        (the last two show where the time went; the coreset should stay a small fraction).
+        Returns one-element histories of the numbers in :attr:`fit_info` (images, patches_per_image, patches_seen, candidates,
+        bank_target, bank_size, compactions, feature_seconds, stage1_seconds, coreset_seconds): where the time went and
+        whether a bound was reached. ``fit_info["bank_capped_by"]`` names the bound that limited the bank, if any.
         """
         cfg = self.config
-        pool = _ReservoirPool(int(cfg["pool_max_patches"]), int(cfg["seed"]))
-        n_images = 0
+        stream = cfg["coreset_sampling"] == "stream"
+        ratio = float(cfg["coreset_ratio"])
+        if stream:
+            pool: _StreamingCoreset | _ReservoirPool = _StreamingCoreset(
+                ratio * float(cfg["coreset_oversample"]),
+                int(cfg["pool_max_patches"]),
+                cfg["coreset_projection_dim"],
+                int(cfg["seed"]),
+                block=_STAGE1_BLOCK,  # looked up at fit time, so a study can change the module constant
+            )
+        else:
+            pool = _ReservoirPool(int(cfg["pool_max_patches"]), int(cfg["seed"]))
+        n_images, patches_per_image = 0, 0
         started = time.perf_counter()
-        for batch in tqdm(batches(), desc="PatchCore features", unit="batch", leave=False):
+        for batch in progress(batches(), desc="PatchCore features", unit="batch", leave=False):
             n_images += batch.shape[0]
             for _, embeddings, _ in self._embedding_chunks(batch):
-                pool.add(embeddings.permute(0, 2, 3, 1).reshape(-1, embeddings.shape[1]))
+                patches_per_image = max(patches_per_image, embeddings.shape[-2] * embeddings.shape[-1])
+                rows = embeddings.permute(0, 2, 3, 1).reshape(embeddings.shape[0], -1, embeddings.shape[1])
+                if stream:  # image by image in stream order: blocks, and so the bank, do not depend on batching
+                    for image_rows in rows:
+                        pool.add(image_rows)
+                else:
+                    pool.add(rows.reshape(-1, rows.shape[-1]))
         if n_images == 0:
             raise ValueError("PatchCore.fit got no training images.")
-        feature_seconds = time.perf_counter() - started
+        stage1_in_loop = pool.seconds if isinstance(pool, _StreamingCoreset) else 0.0
+        feature_seconds = time.perf_counter() - started - stage1_in_loop
 
+        if isinstance(pool, _StreamingCoreset):
+            candidates, projected = pool.candidates()  # thins the last, partial block (stage 1 time)
+            projection_dim = None  # already projected, with the projection of the first stage
+            stage1_seconds = pool.seconds
+        else:
+            candidates = projected = pool.tensor()
+            projection_dim = cfg["coreset_projection_dim"]
+            stage1_seconds = 0.0
         started = time.perf_counter()
-        candidates = pool.tensor()
-        target = candidates.shape[0]
-        if cfg["coreset_ratio"] is not None:
-            target = min(target, max(1, math.ceil(float(cfg["coreset_ratio"]) * pool.seen)))
-        if cfg["max_bank_size"] is not None:
-            target = min(target, int(cfg["max_bank_size"]))
-        if target >= candidates.shape[0]:
+        target = max(1, math.ceil(ratio * pool.seen))
+        size, capped_by = target, None
+        if cfg["max_bank_size"] is not None and size > int(cfg["max_bank_size"]):
+            size, capped_by = int(cfg["max_bank_size"]), "max_bank_size"
+        if cfg["max_knn_pairs"] is not None and size * patches_per_image > int(cfg["max_knn_pairs"]):
+            size, capped_by = max(1, int(cfg["max_knn_pairs"]) // patches_per_image), "max_knn_pairs"
+        if size > candidates.shape[0]:
+            size, capped_by = candidates.shape[0], "pool_max_patches"
+        if size >= candidates.shape[0]:
             bank = candidates
         else:
-            chosen = greedy_coreset(
-                candidates.to(self.device), target, cfg["coreset_projection_dim"], seed=int(cfg["seed"])
-            )
+            chosen = greedy_coreset(projected.to(self.device), size, projection_dim, seed=int(cfg["seed"]))
             bank = candidates[chosen.cpu()]
         coreset_seconds = time.perf_counter() - started
         self._set_bank(bank)
         self.fit_info = {
-            "images": float(n_images),
-            "patches_seen": float(pool.seen),
-            "pool_size": float(candidates.shape[0]),
-            "bank_size": float(bank.shape[0]),
-            "feature_seconds": feature_seconds,
-            "coreset_seconds": coreset_seconds,
+            "images": n_images,
+            "patches_per_image": patches_per_image,
+            "patches_seen": pool.seen,
+            "candidates": int(candidates.shape[0]),
+            "bank_target": target,
+            "bank_size": int(bank.shape[0]),
+            "bank_capped_by": capped_by,
+            "compactions": pool.compactions if isinstance(pool, _StreamingCoreset) else 0,
+            "feature_seconds": round(feature_seconds, 3),
+            "stage1_seconds": round(stage1_seconds, 3),
+            "coreset_seconds": round(coreset_seconds, 3),
         }
         logger.info(
-            "PatchCore fit: %d images, %d patches seen, pool %d, bank %d; features %.1f s, coreset %.1f s",
+            "PatchCore fit (%s): %d images, %d patches seen, %d candidates, bank %d; features %.1f s, coreset stage 1 "
+            "%.1f s, final selection %.1f s",
+            cfg["coreset_sampling"],
             n_images,
             pool.seen,
             candidates.shape[0],
             bank.shape[0],
             feature_seconds,
+            stage1_seconds,
             coreset_seconds,
         )
-        return {key: [value] for key, value in self.fit_info.items()}
+        if capped_by is not None:
+            logger.info(
+                "PatchCore bank capped by %s: %d patches instead of coreset_ratio × patches seen = %d.",
+                capped_by,
+                bank.shape[0],
+                target,
+            )
+        return {
+            key: [float(value)]
+            for key, value in self.fit_info.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
 
     def _set_bank(self, bank: torch.Tensor) -> None:
         self.memory_bank = bank.to(self.device, torch.float32).contiguous()
@@ -538,6 +826,29 @@ class PatchCore(AnomalyDetector):
             self._resample_cache[key] = upsample_blur_matrix(source, target, sigma).float().to(self.device)
         return self._resample_cache[key]
 
+    def _image_scores(
+        self, maps: torch.Tensor, patch_max: torch.Tensor, features: torch.Tensor, nn_index: torch.Tensor
+    ) -> torch.Tensor:
+        """One number per image, by ``image_score``.
+
+        ``reweighted`` is the paper's (and anomalib's) score: the largest patch distance, scaled by how isolated its
+        nearest bank patch is. ``patch_max`` leaves out the reweighting. ``map_max`` is the largest value of the final,
+        smoothed map, so that the image decision and the map agree (PaDiM's rule). ``map_top_mean`` averages the
+        map's highest ``image_top_patches × stride²`` pixels: a robust maximum that one odd patch of a normal image moves
+        less than it moves ``map_max``, over an area counted in patches so that it means the same at 256² and at 1024²
+        (a fixed fraction of the image, 1 %, scored BSData well at 256² but diluted small defects at 1024²).
+        """
+        rule = self.config["image_score"]
+        if rule == "reweighted":
+            return self._reweight(patch_max, features, nn_index)
+        if rule == "patch_max":
+            return patch_max
+        flat = maps.reshape(maps.shape[0], -1)
+        if rule == "map_max":
+            return flat.amax(dim=1)
+        count = min(flat.shape[1], max(1, math.ceil(float(self.config["image_top_patches"]) * self.feature_stride**2)))
+        return torch.topk(flat, count, dim=1).values.mean(dim=1)
+
     @torch.no_grad()
     def predict(self, batch: torch.Tensor) -> DetectorOutput:
         """Patch score = distance to the nearest bank patch; map = scores upsampled to H×W and Gaussian-blurred."""
@@ -578,7 +889,8 @@ class PatchCore(AnomalyDetector):
 
         if not whole_image:
             maps = gaussian_blur2d(maps / counts, float(self.config["sigma"]))
-        scores = self._reweight(best_score, best_feature, best_nn)
+        scores = self._image_scores(maps, best_score, best_feature, best_nn)
+        scores = self.rerank(scores, best_feature, best_score)  # no-op without a defect bank
         return DetectorOutput(
             scores=scores.float().cpu().numpy().astype(np.float32),
             maps=maps.float().cpu().numpy().astype(np.float32),
@@ -586,23 +898,28 @@ class PatchCore(AnomalyDetector):
 
     # ---------------------------------------------------------------- state
     def get_state(self) -> dict[str, Any]:
+        """The bank (a tensor) and plain JSON values: what the safe model file stores; no backbone weights."""
         if self.memory_bank is None:
             raise RuntimeError("PatchCore is not fitted: nothing to save.")
         return {
             "memory_bank": self.memory_bank.detach().cpu().clone(),
-            "embedding_dim": self.embedding_dim,
+            "embedding_dim": int(self.embedding_dim),
             "fit_info": dict(self.fit_info),
-        }
+        } | self.feedback_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
-        bank = torch.as_tensor(state["memory_bank"], dtype=torch.float32)
+        bank = state.get("memory_bank")
+        if not isinstance(bank, torch.Tensor):
+            raise ValueError(f"PatchCore state needs 'memory_bank' as a torch tensor, got {type(bank).__name__}.")
+        bank = bank.to(torch.float32)
         if bank.ndim != 2 or bank.shape[1] != self.embedding_dim:
             raise ValueError(
                 f"Saved memory bank has shape {tuple(bank.shape)} but this configuration embeds patches in "
                 f"{self.embedding_dim} dimensions; was it saved with another backbone, layers or embed_dim?"
             )
         self._set_bank(bank)
-        self.fit_info = dict(state.get("fit_info", {}))
+        self.fit_info = dict(state.get("fit_info") or {})
+        self.set_feedback_state(state)
 
     def to(self, device: str | torch.device) -> PatchCore:
         super().to(device)

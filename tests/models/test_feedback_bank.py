@@ -1,0 +1,107 @@
+"""Operators' verdicts into PatchCore's memory bank: a confirmed false alarm stops alarming, a confirmed defect type is
+re-ranked up, and both survive the safe model file."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from madfh_pipeline.models import patchcore as patchcore_module
+from madfh_pipeline.models.base import load_detector, save_detector
+from madfh_pipeline.models.patchcore import PatchCore
+from tests.models.test_patchcore import SIZE, SMALL_CONFIG, plant_square, textures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_backbone() -> Iterator[None]:
+    """One frozen Lite0 for the module (its construction dominates; it is stateless)."""
+    original = patchcore_module.build_backbone
+    cache: dict[object, object] = {}
+
+    def shared(name: str, layers: object = None, weights_path: object = None) -> object:
+        key = (name, tuple(layers) if layers else None, weights_path)
+        if key not in cache:
+            cache[key] = original(name, layers, weights_path)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(patchcore_module, "build_backbone", shared)
+        yield
+
+
+TRAIN = textures(8, seed=1)
+
+
+def fitted() -> PatchCore:
+    detector = PatchCore(SMALL_CONFIG)
+    detector.fit(lambda: TRAIN.split(4))
+    return detector
+
+
+def one_batch(images: torch.Tensor):  # noqa: ANN201 - a BatchSource
+    return lambda: iter([images])
+
+
+def test_a_confirmed_false_alarm_stops_alarming() -> None:
+    """A normal variation the bank never saw (a grey patch on a known part) alarms; once confirmed normal it does not."""
+    detector = fitted()
+    variation = plant_square(TRAIN[:1], 40, 40, 16, 0.5)
+    normal = TRAIN[2:5]
+    before = float(detector.predict(variation).scores[0])
+    normal_before = detector.predict(normal).scores
+    assert before > normal_before.max()
+    bank_before = detector.memory_bank.shape[0]
+
+    added = detector.add_normal(one_batch(variation), max_per_image=64)
+
+    assert added == 64 and detector.memory_bank.shape[0] == bank_before + 64
+    assert detector.normal_patches_added == 64
+    normal_after = detector.predict(normal).scores
+    assert float(detector.predict(variation).scores[0]) < normal_after.min()  # now scores like a normal part
+    assert (normal_after <= normal_before + 1e-4).all()  # a larger bank never raises a distance
+
+
+def test_defect_bank_reranks_and_weight_zero_is_a_no_op() -> None:
+    detector = fitted()
+    base = TRAIN[4:8]
+    known_defect = plant_square(base[:1], 30, 30, 14, 0.0)  # a dark square: the kind operators confirmed
+    other = torch.cat([base[1:], plant_square(base[1:2], 70, 70, 14, 0.0)])
+    plain = detector.predict(other).scores
+
+    size = detector.set_defect_bank(one_batch(known_defect), per_image=8, weight=0.0)
+    assert size == 8
+    torch.testing.assert_close(torch.from_numpy(detector.predict(other).scores), torch.from_numpy(plain))
+
+    detector.defect_weight = 0.5
+    reranked = detector.predict(other).scores
+    # The new dark square lies near the defect bank: its score rises; normal images move down (nearer normal).
+    assert reranked[3] > plain[3]
+    assert (reranked[:3] < plain[:3]).all()
+    detector.clear_defect_bank()
+    torch.testing.assert_close(torch.from_numpy(detector.predict(other).scores), torch.from_numpy(plain))
+
+
+def test_feedback_state_survives_the_model_file(tmp_path: Path) -> None:
+    detector = fitted()
+    detector.add_normal(one_batch(plant_square(TRAIN[:1], 40, 40, 16, 0.5)), max_per_image=32)
+    detector.set_defect_bank(one_batch(plant_square(textures(1, seed=9), 30, 30, 14, 0.0)), per_image=8, weight=0.3)
+    images = torch.cat([textures(2, seed=10), plant_square(textures(1, seed=11), 60, 60, 14, 0.0)])
+    expected = detector.predict(images).scores
+
+    path = tmp_path / "patchcore.safetensors"
+    save_detector(detector, path)
+    loaded = load_detector(path)
+
+    assert isinstance(loaded, PatchCore)
+    assert loaded.defect_bank is not None and loaded.defect_bank.shape == (8, detector.embedding_dim)
+    assert loaded.defect_weight == pytest.approx(0.3) and loaded.normal_patches_added == 32
+    assert loaded.memory_bank.shape == detector.memory_bank.shape
+    torch.testing.assert_close(torch.from_numpy(loaded.predict(images).scores), torch.from_numpy(expected))
+
+
+def test_add_normal_needs_a_fitted_bank() -> None:
+    with pytest.raises(RuntimeError, match="fit it before adding feedback"):
+        PatchCore(SMALL_CONFIG).add_normal(one_batch(textures(1, height=SIZE, width=SIZE)))
