@@ -16,6 +16,7 @@ import logging
 import math
 import textwrap
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,29 @@ def _canvas_view(
     image = store.read(row.relpath)[content]
     mask = store.read(mask_key, channels=1)[content] > 0 if mask_key else None
     return image, mask, (1.0 / geometry.scale_x, 1.0 / geometry.scale_y)
+
+
+#: The split folders of the MVTec AD 2 layout: a path ending in ``<split>/<label>/<file>`` names a data set image.
+_SPLIT_FOLDERS = frozenset({"train", "validation", "test_public", "test_private", "test_private_mixed"})
+
+
+def _store_key(image: str, store: ImageStore) -> str:
+    """The store-relative key (``test_public/bad/003_regular.png``) of an image an operator described.
+
+    Inspection records hold the path the station read: a file in the processed store, or the raw image in the data
+    set's layout. Grounded pairs are grouped by the store key, so an operator's description must be grouped by the same
+    key; otherwise it lands on its own side of the split and the part it describes can both train and evaluate the
+    explainer. Paths outside both (new images from a line) keep their own key: they are in no evaluation set.
+    """
+    path = Path(image)
+    try:
+        return path.resolve().relative_to(Path(store.root).resolve()).as_posix()
+    except ValueError:
+        pass
+    parts = path.parts
+    if len(parts) >= 3 and parts[-3] in _SPLIT_FOLDERS:
+        return "/".join(parts[-3:])
+    return image
 
 
 def _pair_sources(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -87,7 +111,13 @@ def build_explainer_pairs(
         )
     train, evaluation = split_pairs(pairs, float(split.get("eval_fraction", 0.3)), str(split.get("salt", "explainer")))
     if operator:
-        extra = operator_training_pairs(operator, read_image, size=size, group_key=mvtec_group_key, **composite)
+        extra = operator_training_pairs(
+            operator,
+            read_image,
+            size=size,
+            group_key=lambda image: mvtec_group_key(_store_key(image, store)),
+            **composite,
+        )
         extra_train, extra_eval = split_pairs(
             extra, float(split.get("eval_fraction", 0.3)), str(split.get("salt", "explainer"))
         )
