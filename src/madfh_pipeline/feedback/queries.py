@@ -7,6 +7,7 @@ consistent with what) belongs to the :class:`~madfh_pipeline.feedback.store.Know
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -464,9 +465,39 @@ def cases_from_rows(session: Session, rows: Sequence[Any], policy: str) -> list[
     ]
 
 
+#: Fields a repeated inspection by the same model version updates: the decision follows the review band in force (a
+#: setting of the app, not of the model), and the knowledge base must show what the latest report says.
+REFRESHED_FIELDS = ("decision",)
+
+
+def refresh_decision(existing: Inspection, values: dict[str, Any]) -> None:
+    """Take the repeat's decision when both inspections succeeded and only the decision rule changed (same score)."""
+    score = values.get("score")
+    if existing.error is not None or values.get("error") is not None or existing.score is None or score is None:
+        return
+    if not math.isclose(float(existing.score), float(score), rel_tol=1e-6, abs_tol=1e-9):
+        return
+    for name in REFRESHED_FIELDS:
+        new = values.get(name)
+        if new is not None and getattr(existing, name) != new:
+            logger.info(
+                "Inspection %d (image %s): %s %s -> %s (same model version, another decision rule).",
+                existing.id,
+                existing.image_id,
+                name,
+                getattr(existing, name),
+                new,
+            )
+            setattr(existing, name, new)
+
+
 def log_differences(existing: Inspection, values: dict[str, Any]) -> None:
     """Warn when a repeated inspection differs from the stored one (the first record is kept)."""
-    changed = [name for name in IDEMPOTENT_FIELDS if getattr(existing, name) != values.get(name)]
+    changed = [
+        name
+        for name in IDEMPOTENT_FIELDS
+        if name not in REFRESHED_FIELDS and getattr(existing, name) != values.get(name)
+    ]
     if changed:
         logger.warning(
             "Inspection of image %s by model version id %d was already recorded (id %d); kept the first record. "

@@ -416,7 +416,8 @@ class KnowledgeBase:
         embedding_space: str | None = None,
         attributes: dict[str, Any] | None = None,
     ) -> RecordedInspection:
-        """Record one inspection; idempotent by (``image_id``, ``model_version``): a repeat returns the first record.
+        """Record one inspection; idempotent by (``image_id``, ``model_version``): a repeat returns the first record,
+        with the repeat's decision when only the decision rule (the review band) changed.
 
         See :class:`~madfh_pipeline.feedback.records.InspectionRecord` for the fields. The model version must be
         registered for the category first (:meth:`register_model_version`).
@@ -468,6 +469,7 @@ class KnowledgeBase:
                         results.append(RecordedInspection(id=int(new_id), created=True))
                         continue
                 q.log_differences(existing, values)
+                q.refresh_decision(existing, values)
                 results.append(RecordedInspection(id=existing.id, created=False))
         created = sum(r.created for r in results)
         logger.debug("Recorded %d inspection(s), %d already known.", created, len(results) - created)
