@@ -107,9 +107,17 @@ def _load_parameters(project_path: Path, env: str | None) -> dict[str, Any]:
 
 
 def configured_parameters(project_path: Path | None = None, env: str | None = None) -> dict[str, Any]:
-    """The parameters pipelines are built from: the session's, else loaded for ``env`` (``KEDRO_ENV`` / local)."""
-    project_path = Path(project_path or find_kedro_project(Path.cwd()) or Path.cwd())
-    if _ACTIVE.get("project") == project_path and (env is None or env == _ACTIVE.get("env")):
+    """The parameters pipelines are built from: the session's, else loaded for ``env`` (``KEDRO_ENV`` / local).
+
+    Without ``project_path``: the project of the working directory; outside any project, the latest session's (a
+    session may be opened from elsewhere, e.g. a notebook with ``MADFH_PROJECT``).
+    """
+    same_env = env is None or env == _ACTIVE.get("env")
+    here = find_kedro_project(Path.cwd())
+    if project_path is None and here is None and _ACTIVE and same_env:
+        return dict(_ACTIVE["parameters"])
+    project_path = Path(project_path or here or Path.cwd())
+    if _ACTIVE.get("project") == project_path and same_env:
         return dict(_ACTIVE["parameters"])
     return _load_parameters(project_path, env or os.environ.get("KEDRO_ENV") or "local")
 

@@ -27,16 +27,14 @@ from typing import Any
 
 import cv2
 import matplotlib
-
-matplotlib.use("Agg")  # headless: figures only go to files and MLflow
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn.metrics import roc_curve
 
 from madfh_pipeline import metrics as M  # noqa: E402
 from madfh_pipeline.datasets.feature_store import FeatureStore  # noqa: E402
@@ -355,6 +353,14 @@ _COLOURS = {"validation good": "#0072B2", "test good": "#009E73", "test bad": "#
 HEAT_CMAP = "inferno"
 
 
+def _figure(nrows: int = 1, ncols: int = 1, **kwargs: Any) -> tuple[Figure, Any]:
+    """A figure outside pyplot: no global backend to set (so a notebook that imports this module keeps its inline
+    plots), no figure registry to leak into over a long run, safe in a ThreadRunner."""
+    squeeze = kwargs.pop("squeeze", True)
+    fig = Figure(**kwargs)
+    return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+
 def _title(model: AnomalyDetector, category: str, data_source: str, what: str) -> str:
     return f"{category} · {model.name} · {data_source} data\n{what}"
 
@@ -379,7 +385,7 @@ def pick_examples(test: pd.DataFrame, per_group: int, threshold: float | None) -
 
 def _overlay(image: np.ndarray, heat: np.ndarray, norm: Normalize) -> np.ndarray:
     rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB) if image.ndim == 2 else image.copy()
-    colour = (plt.get_cmap(HEAT_CMAP)(norm(heat))[:, :, :3] * 255).astype(np.uint8)
+    colour = (matplotlib.colormaps[HEAT_CMAP](norm(heat))[:, :, :3] * 255).astype(np.uint8)
     return cv2.addWeighted(rgb, 0.5, colour, 0.5, 0)
 
 
@@ -413,7 +419,7 @@ def plot_evaluation(
     overall = (report.get("test_public") or {}).get("all") or {}
     threshold = model.thresholds.image
 
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig, ax = _figure(figsize=(5.5, 5.5))
     if 0 < labels.sum() < len(labels):
         fpr, tpr, _ = roc_curve(labels, test["score"].to_numpy())
         ax.plot(fpr, tpr, c="#0072B2", label=f"AUROC {M.image_auroc(labels, test['score'].to_numpy()):.3f}")
@@ -437,7 +443,7 @@ def plot_evaluation(
     ax.set_title(_title(model, name, data_source, "image ROC on test_public"), fontsize=10)
     figures["roc.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig, ax = _figure(figsize=(5.5, 5.5))
     curve = report.get("pro_curve")
     if curve is None and labels.sum():
         masks, maps_, names = [], [], []
@@ -465,7 +471,7 @@ def plot_evaluation(
     ax.set_title(_title(model, name, data_source, "PRO curve up to FPR 0.3"), fontsize=10)
     figures["pro_curve.png"] = fig
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = _figure(figsize=(7, 4.5))
     bins = np.histogram_bin_edges(scores["score"].to_numpy(), bins=30)
     for label, subset in (
         ("validation good", val),
@@ -493,8 +499,6 @@ def plot_evaluation(
     if not test.empty and threshold is not None:
         texts = dict(zip(explanations["relpath"], explanations["grounded"], strict=True)) if len(explanations) else {}
         figures["heatmaps.png"] = _heatmap_grid(test, maps, store, model, per_group, name, data_source, texts)
-    for figure in figures.values():
-        plt.close(figure)
     return figures
 
 
@@ -519,7 +523,7 @@ def _heatmap_grid(
         vmax = pixel + (pixel - vmin)
     norm = Normalize(vmin=vmin, vmax=vmax, clip=True)
     texts = texts or {}
-    fig, axes = plt.subplots(3, per_group, figsize=(4.4 * per_group + 1.6, 16.5), squeeze=False)
+    fig, axes = _figure(3, per_group, figsize=(4.4 * per_group + 1.6, 16.5), squeeze=False)
     fig.subplots_adjust(left=0.02, right=0.87, top=0.91, bottom=0.05, hspace=0.55, wspace=0.08)
     for ax in axes.ravel():
         ax.axis("off")
@@ -562,7 +566,7 @@ def _heatmap_grid(
                     fontsize=7.5,
                     wrap=True,
                 )
-    mappable = plt.cm.ScalarMappable(norm=norm, cmap=HEAT_CMAP)
+    mappable = ScalarMappable(norm=norm, cmap=HEAT_CMAP)
     bar = fig.colorbar(mappable, cax=fig.add_axes((0.9, 0.3, 0.018, 0.4)))
     label = "anomaly score (pixel)"
     if pixel is not None:
