@@ -5,9 +5,6 @@ defects, PatchCore only, the inspection stage on with a REVIEW band of 2 σ (so 
 become confirmed false alarms). The operator answers with the ground truth through the real
 :class:`~madfh_pipeline.feedback.KnowledgeBase` API, choosing the button the review app offers for each decision
 (:func:`~madfh_pipeline.feedback.valid_actions`). Each test then checks one part of what the loop left behind.
-
-The memory-bank extension and the defect bank need PatchCore methods that are being added (``add_normal``,
-``set_defect_bank``); their checks are in one test marked ``xfail`` until then. Everything else must pass now.
 """
 
 from __future__ import annotations
@@ -230,7 +227,6 @@ def test_operators_descriptions_join_the_explainers_training_set(loop: Loop) -> 
     assert {(d["description"], d["user"], d["confidence"]) for d in descriptions} == {(DESCRIPTION, "anna", 4)}
 
 
-@pytest.mark.xfail(strict=False, reason="PatchCore feedback methods pending (add_normal, set_defect_bank)")
 def test_confirmed_false_alarms_join_the_memory_bank_and_defects_form_a_defect_bank(loop: Loop) -> None:
     new, old = loop.versions
     steps = loop.report["steps"]
