@@ -8,10 +8,11 @@ image id); the *held-out* part says whether it helped, before and after, with th
     (:meth:`add_normal` of detectors that have a bank), so the same normal variation stops alarming.
 (c) **Confirmed defects** form a defect bank; an image whose most anomalous patches lie near a known defect gets its
     score raised (semi-supervised re-ranking, :meth:`set_defect_bank`). Kept only if it measurably helps on the
-    calibration labels (image AUROC up, false-alarm rate at the target recall not worse); otherwise dropped and the
-    report says so.
-(a) The **image threshold** is recalibrated from the labelled scores (after b and c): the highest threshold that still
-    misses at most ``max_miss_rate`` of the confirmed defects, i.e. the lowest false-alarm rate at that miss rate.
+    calibration labels *out of fold* (each half of the defects scored against a bank built from the other half:
+    image AUROC up, false-alarm rate at the target recall not worse); otherwise dropped and the report says so.
+(a) The **image threshold** is recalibrated from the labelled scores (after b and c; with a defect bank, from the
+    out-of-fold scores): the highest threshold that still misses at most ``max_miss_rate`` of the confirmed defects,
+    i.e. the lowest false-alarm rate at that miss rate.
 
 The numbers: false-alarm rate at the recall target (threshold-free), image AUROC, and false-alarm / miss rates at the
 threshold in force.
@@ -178,6 +179,80 @@ def _batches(paths: Sequence[str], load: CanvasLoader, batch_size: int) -> Calla
     return source
 
 
+def _fold_of(image_ids: Sequence[str]) -> np.ndarray:
+    """0/1 per image: a stable hash, rebalanced so that both folds hold at least one image."""
+    folds = np.array([int(hashlib.sha256(f"fold:{i}".encode()).digest()[0] & 1) for i in image_ids], dtype=int)
+    if len(folds) >= 2 and (folds.min() == folds.max()):
+        folds = np.arange(len(folds)) % 2
+    return folds
+
+
+def _defect_bank_step(
+    detector: Any,
+    paths: Sequence[str],
+    ids: Sequence[str],
+    labels: np.ndarray,
+    calib: np.ndarray,
+    load: CanvasLoader,
+    settings: FeedbackSettings,
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Choose the defect bank's weight by two-fold cross-fitting on the calibration labels; keep it only if it helps.
+
+    Why out of fold: scored against a bank built from its own patches, a confirmed defect is re-ranked to the top
+    (AUROC 1.0 on the calibration labels every time), which says nothing about the next defect. Each half of the
+    confirmed defects is therefore scored against a bank built from the other half; normal images get the mean of
+    both. The re-ranking factor ``2r − 1`` does not depend on the weight, so one forward per fold (at weight 1) gives
+    the scores of every candidate weight: ``plain · (1 + w · factor)``. Returns the step's report and the out-of-fold
+    scores of the chosen weight (``None`` when the bank is dropped).
+    """
+    n = len(paths)
+    calib_idx = np.flatnonzero(calib)
+    defect_idx = np.array([i for i in calib_idx if labels[i] == 1])
+    normal_idx = np.array([i for i in calib_idx if labels[i] == 0], dtype=int)
+    folds = _fold_of([ids[i] for i in defect_idx])
+    per_image = settings.defect_patches_per_image
+    plain = np.full(n, np.nan)
+    plain[calib_idx] = _score(detector, [paths[i] for i in calib_idx], load, settings.batch_size)
+    factor = np.zeros(n)
+    for fold in (0, 1):
+        build = [paths[i] for i in defect_idx[folds != fold]]
+        test = np.concatenate([normal_idx, defect_idx[folds == fold]]).astype(int)
+        detector.set_defect_bank(_batches(build, load, settings.batch_size), per_image, 1.0)
+        reranked = _score(detector, [paths[i] for i in test], load, settings.batch_size)
+        base = plain[test]
+        ratio = np.where(base > 0, reranked / np.where(base > 0, base, 1.0) - 1.0, 0.0)
+        factor[test] += np.where(labels[test] == 0, 0.5 * ratio, ratio)  # normals: the mean of both folds
+    detector.clear_defect_bank()
+
+    y, base_scores = labels[calib_idx], plain[calib_idx]
+    base_auroc = image_auroc(y, base_scores)
+    base_far = far_at_recall(y, base_scores, settings.recall)
+    best: tuple[float, float, float] | None = None
+    for weight in settings.defect_weights:
+        trial = base_scores * (1.0 + weight * factor[calib_idx])
+        auroc, far = image_auroc(y, trial), far_at_recall(y, trial, settings.recall)
+        if auroc > base_auroc and not far > base_far and (best is None or auroc > best[1]):
+            best = (weight, auroc, far)
+    report: dict[str, Any] = {
+        "images": len(defect_idx),
+        "evaluated": "2-fold out of fold on the calibration labels",
+        "base_auroc": base_auroc,
+        "base_far_at_recall": base_far,
+    }
+    if best is None:
+        return report | {"kept": False, "reason": "no weight improved the calibration labels out of fold"}, None
+    weight = best[0]
+    detector.set_defect_bank(_batches([paths[i] for i in defect_idx], load, settings.batch_size), per_image, weight)
+    calibrated = np.full(n, np.nan)
+    calibrated[calib_idx] = base_scores * (1.0 + weight * factor[calib_idx])
+    return report | {
+        "kept": True,
+        "weight": weight,
+        "calibration_auroc": best[1],
+        "calibration_far": best[2],
+    }, calibrated
+
+
 def apply_feedback(
     detector: Any,
     labelled: Any,
@@ -218,42 +293,30 @@ def apply_feedback(
         )
         steps["extend_bank"] = {"images": len(false_alarms), "patches_added": 0, "skipped": reason}
 
-    # (c) confirmed defects: a defect bank that re-ranks, kept only if it helps on the calibration labels
-    defects = [p for p, y, c in zip(paths, labels, calib, strict=True) if c and y == 1]
-    if settings.defect_bank and defects and hasattr(detector, "set_defect_bank"):
-        plain = _score(detector, paths, load, settings.batch_size)
-        base_auroc = image_auroc(labels[calib], plain[calib])
-        base_far = far_at_recall(labels[calib], plain[calib], settings.recall)
-        detector.set_defect_bank(_batches(defects, load, settings.batch_size), settings.defect_patches_per_image, 0.0)
-        best: tuple[float, float, float] | None = None
-        for weight in settings.defect_weights:
-            detector.defect_weight = weight
-            trial = _score(detector, paths, load, settings.batch_size)
-            auroc = image_auroc(labels[calib], trial[calib])
-            far = far_at_recall(labels[calib], trial[calib], settings.recall)
-            if auroc > base_auroc and not far > base_far and (best is None or auroc > best[1]):
-                best = (weight, auroc, far)
-        if best is None:
-            detector.clear_defect_bank()
-            steps["defect_bank"] = {
-                "images": len(defects),
-                "kept": False,
-                "reason": "no weight improved the calibration labels",
-            }
-        else:
-            detector.defect_weight = best[0]
-            steps["defect_bank"] = {
-                "images": len(defects),
-                "kept": True,
-                "weight": best[0],
-                "calibration_auroc": best[1],
-            }
+    # (c) confirmed defects: a defect bank that re-ranks, kept only if it helps out of fold on the calibration labels
+    ids = frame["image_id"].astype(str).tolist()
+    defects = [i for i in np.flatnonzero(calib) if labels[i] == 1]
+    calibrated: np.ndarray | None = None  # out-of-fold calibration scores of the kept defect bank
+    if settings.defect_bank and len(defects) >= 2 and hasattr(detector, "set_defect_bank"):
+        steps["defect_bank"], calibrated = _defect_bank_step(detector, paths, ids, labels, calib, load, settings)
     else:
-        steps["defect_bank"] = {"images": len(defects), "kept": False, "reason": "disabled or nothing to learn from"}
+        reason = (
+            "disabled"
+            if not settings.defect_bank
+            else (
+                f"{type(detector).__name__} has no memory bank"
+                if not hasattr(detector, "set_defect_bank")
+                else "needs at least 2 confirmed defects (one to build from, one to test on)"
+            )
+        )
+        steps["defect_bank"] = {"images": len(defects), "kept": False, "reason": reason}
 
     # (a) the threshold, from the (re-)scored calibration labels
     scores_after = _score(detector, paths, load, settings.batch_size)
-    new_threshold = threshold_for_miss_rate(labels[calib], scores_after[calib], settings.max_miss_rate)
+    # A confirmed defect is in the defect bank it is scored against (its own patches: re-ranked to the top), so its
+    # in-sample score says nothing about the next defect; the threshold comes from the out-of-fold scores.
+    threshold_scores = scores_after[calib] if calibrated is None else calibrated[calib]
+    new_threshold = threshold_for_miss_rate(labels[calib], threshold_scores, settings.max_miss_rate)
     if new_threshold is not None:
         detector.thresholds.image = new_threshold
         detector.thresholds.rule += (

@@ -1,0 +1,110 @@
+"""What operators' labels teach a real PatchCore: the threshold rule, the bank extension, the out-of-fold defect bank."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from madfh_pipeline.feedback.learning import (
+    FeedbackSettings,
+    _fold_of,
+    apply_feedback,
+    far_at_recall,
+    holdout_mask,
+    threshold_for_miss_rate,
+)
+from madfh_pipeline.models.base import Thresholds
+from madfh_pipeline.models.patchcore import PatchCore
+from tests.models.test_patchcore import SMALL_CONFIG, plant_square, textures
+
+
+def test_far_at_recall_and_threshold_rule_on_a_hand_made_case() -> None:
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    scores = np.array([1.0, 2.0, 3.0, 6.0, 4.0, 5.0, 7.0, 8.0])
+    # 95 % recall of 4 defects keeps all 4: threshold 4.0 flags one good image (6.0) of four
+    assert far_at_recall(labels, scores, 0.95) == pytest.approx(0.25)
+    assert far_at_recall(labels, scores, 0.5) == 0.0  # threshold 7.0
+    assert threshold_for_miss_rate(labels, scores, 0.0) == 4.0
+    assert threshold_for_miss_rate(labels, scores, 0.25) == 5.0  # one of four may be missed
+    assert threshold_for_miss_rate(labels * 0, scores, 0.1) is None
+    assert math.isnan(far_at_recall(labels * 0, scores))
+
+
+def test_folds_are_stable_and_never_empty() -> None:
+    ids = [f"img{i}" for i in range(20)]
+    folds = _fold_of(ids)
+    assert set(folds) == {0, 1} and (folds == _fold_of(ids)).all()
+    assert set(_fold_of(["a", "a"])) == {0, 1}  # the same hash twice is rebalanced
+
+
+@pytest.fixture(scope="module")
+def images() -> dict[str, torch.Tensor]:
+    """Normal parts the bank has not seen, some with a grey patch (false alarms), parts with a faint dark square (one
+    defect type, ranked imperfectly: image AUROC ≈ 0.92 before feedback) and with an obvious one."""
+    normal, flagged, defective = textures(10, seed=3), textures(10, seed=4), textures(10, seed=5)  # distinct parts
+    out: dict[str, torch.Tensor] = {}
+    for i in range(10):
+        out[f"normal_{i}"] = normal[i]
+        out[f"grey_{i}"] = plant_square(flagged[i : i + 1], 16 + 8 * (i % 4), 20 + 6 * (i % 3), 14, 0.5)[0]
+        out[f"dark_{i}"] = plant_square(defective[i : i + 1], 70 - 5 * (i % 4), 60 + 7 * (i % 3), 8, 0.15)[0]
+        out[f"strong_{i}"] = plant_square(defective[i : i + 1], 70 - 5 * (i % 4), 60 + 7 * (i % 3), 14, 0.0)[0]
+    return out
+
+
+def _fitted() -> PatchCore:
+    detector = PatchCore(SMALL_CONFIG)
+    detector.fit(lambda: textures(8, seed=1).split(4))
+    return detector
+
+
+def test_feedback_extends_the_bank_keeps_a_helpful_defect_bank_and_reports_before_after(
+    images: dict[str, torch.Tensor],
+) -> None:
+    detector = _fitted()
+    used = {k: v for k, v in images.items() if not k.startswith("strong")}
+    plain = {k: float(detector.predict(v[None]).scores[0]) for k, v in used.items()}
+    threshold = float(np.median(list(plain.values())))
+    detector.thresholds = Thresholds(image=threshold, pixel=1.0, rule="test")
+    rows = [
+        {
+            "image_id": name,
+            "image_path": name,
+            "label": int(name.startswith("dark")),
+            "decision": "NG" if plain[name] >= threshold else "OK",
+        }
+        for name in used
+    ]
+    settings = FeedbackSettings(holdout_fraction=0.3, max_miss_rate=0.0, batch_size=8)
+    _, report = apply_feedback(detector, pd.DataFrame(rows), images.__getitem__, settings)
+
+    hold = holdout_mask([r["image_id"] for r in rows], 0.3)
+    grey_alarms = [r for r, h in zip(rows, hold, strict=True) if not h and r["label"] == 0 and r["decision"] == "NG"]
+    extend = report.steps["extend_bank"]
+    assert extend["images"] == len(grey_alarms) > 0 and extend["patches_added"] == 256 * len(grey_alarms)
+    defect = report.steps["defect_bank"]
+    assert defect["evaluated"].startswith("2-fold")
+    assert defect["kept"] is True, defect  # one defect type: the other half's bank recognises it
+    assert detector.defect_bank is not None and detector.defect_weight == defect["weight"]
+    # the threshold comes from out-of-fold scores: no calibration defect is missed by it (max_miss_rate 0)
+    assert report.calibration_after["miss_rate_at_threshold"] == 0.0
+    assert report.after["image_auroc"] >= report.before["image_auroc"]
+    assert report.after["false_alarm_rate"] <= report.before["false_alarm_rate"]
+    assert set(report.to_dict()) >= {"before", "after", "steps", "n_holdout", "n_calibration"}
+
+
+def test_a_defect_bank_that_cannot_help_is_dropped(images: dict[str, torch.Tensor]) -> None:
+    """Every confirmed defect already scores above every normal part: re-ranking cannot raise the AUROC, so the
+    bank is dropped; the report says why."""
+    detector = _fitted()
+    names = [k for k in images if k.startswith(("normal", "strong"))]
+    rows = [{"image_id": n, "image_path": n, "label": int(n.startswith("strong")), "decision": "OK"} for n in names]
+    detector.thresholds = Thresholds(image=1e9, pixel=1.0, rule="test")
+    settings = FeedbackSettings(holdout_fraction=0.0, extend_bank=False, batch_size=8)
+    _, report = apply_feedback(detector, pd.DataFrame(rows), images.__getitem__, settings)
+    defect = report.steps["defect_bank"]
+    assert defect.get("base_auroc") == 1.0 and defect["kept"] is False, defect
+    assert "out of fold" in defect["reason"] and detector.defect_bank is None
