@@ -12,7 +12,10 @@ before and after the detectors (``--bare-rounds``) so that load changes on the m
 
 Images: wallplugs-like scenes rendered at the native 2448×2048 (``madfh_pipeline.demo.synth.render_normal``), resized
 with INTER_AREA to 1024² (what preprocessing does) and written as PNGs to a temporary ImageStore; training and test
-images are distinct.
+images are distinct. So that a faster configuration cannot pass by missing small defects, the fitted detector also
+scores ``--defective-images`` defective scenes (``render_pair``: 1-3 defects, some a few pixels wide) together with the
+normal test scenes: image AUROC, pixel AUROC and AU-PRO at 1024² (``quality`` in the results; after the timings, so
+they do not disturb them).
 
     .venv/bin/python bench/inference.py                        # 32 training, 16 test images, CPU
     .venv/bin/python bench/inference.py --train-images 300     # the size the targets are stated for
@@ -74,6 +77,99 @@ def make_images(root: Path, n_train: int, n_test: int, seed: int) -> tuple[list[
     logger.info("Images ready in %s (%d rendered, %.1f s).", root, rendered, time.perf_counter() - started)
     keys = [key for _, _, key in jobs]
     return keys[:n_train], keys[n_train:]
+
+
+def make_defective(root: Path, n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Render ``n`` defective scenes (``render_pair``: 1-3 defects, some down to a few pixels) with their masks.
+
+    Why: speed alone would let a faster configuration that misses small defects pass. The same fitted detector is
+    scored on these and on the normal test scenes, at 1024² — the resolution and defect sizes the demo data has.
+    Masks go through the project's geometry (nearest), images through INTER_AREA, as preprocessing does.
+    """
+    from madfh_pipeline.datasets.image_store import ImageStore
+    from madfh_pipeline.demo.synth import SceneSpec, render_pair
+    from madfh_pipeline.imaging import Geometry
+
+    store = ImageStore(root)
+    spec = SceneSpec("wallplugs", 2448, 2048, 1)
+    geometry = Geometry.plan(spec.width, spec.height, SIDE, SIDE, "stretch")
+    images, masks = [f"bad/{i:04d}.png" for i in range(n)], [f"bad_mask/{i:04d}.png" for i in range(n)]
+    started, rendered = time.perf_counter(), 0
+    for i, (image_key, mask_key) in enumerate(zip(images, masks, strict=True)):
+        if store.exists(image_key) and store.exists(mask_key):
+            continue
+        pair = render_pair(spec, np.random.default_rng([seed, 2, i]))
+        store.write(image_key, geometry.apply(pair.image))
+        store.write(mask_key, geometry.apply(pair.mask, is_mask=True))
+        rendered += 1
+    logger.info("Defective images ready (%d rendered, %.1f s).", rendered, time.perf_counter() - started)
+    return images, masks
+
+
+def _quality(
+    detector: Any, store: Any, good: list[str], bad: list[str], masks: list[str], dev: Any, batch_size: int
+) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and AU-PRO of ``detector`` on normal + defective 1024² scenes."""
+    from madfh_pipeline import metrics
+    from madfh_pipeline.streaming import image_batches
+
+    scores, maps = [], []
+    for _, batch in image_batches(store, good + bad, batch_size):
+        out = detector.predict(batch.to(dev))
+        scores.append(out.scores)
+        maps.extend(out.maps)
+    labels = np.array([0] * len(good) + [1] * len(bad))
+    truth = [np.zeros((SIDE, SIDE), dtype=bool)] * len(good) + [store.read(key) > 0 for key in masks]
+    pro = metrics.au_pro_at_limits(truth, maps, (0.05, 0.3))
+    result: dict[str, Any] = {
+        "images_good": len(good),
+        "images_bad": len(bad),
+        "image_auroc": metrics.image_auroc(labels, np.concatenate(scores)),
+        "pixel_auroc": metrics.pixel_auroc(truth, maps),
+        "au_pro_0.3": pro[0.3],
+        "au_pro_0.05": pro[0.05],
+    }
+    if getattr(detector, "name", "") == "patchcore":
+        result["image_auroc_by_rule"] = _patchcore_rules(detector, store, good + bad, labels, dev, batch_size)
+    return result
+
+
+#: Image-score rules compared on the same bank by the quality check (``image_score`` and, for map_top_mean, the area
+#: in patches): the rule must hold for small defects at 1024², not only on 256² benchmarks.
+QUALITY_RULES: tuple[tuple[str, float | None], ...] = (
+    ("reweighted", None),
+    ("patch_max", None),
+    ("map_max", None),
+    ("map_top_mean", 1),
+    ("map_top_mean", 9),
+    ("map_top_mean", 49),
+)
+
+
+def _patchcore_rules(
+    detector: Any, store: Any, keys: list[str], labels: np.ndarray, dev: Any, batch_size: int
+) -> dict[str, float]:
+    """Image AUROC of every rule in :data:`QUALITY_RULES`, each a detector sharing ``detector``'s bank.
+
+    The backbone features are computed once (``BackboneCache``), so the comparison costs only the kNN per rule.
+    """
+    from common import BackboneCache
+
+    from madfh_pipeline import metrics
+    from madfh_pipeline.streaming import image_batches
+
+    cache, state = BackboneCache(), detector.get_state()
+    out: dict[str, float] = {}
+    for rule, patches in QUALITY_RULES:
+        config = {**detector.config, "image_score": rule}
+        if patches is not None:
+            config["image_top_patches"] = patches
+        sibling = type(detector)(config).to(dev)
+        sibling.set_state(state)
+        cache.wrap(sibling)
+        scores = [sibling.predict(batch.to(dev)).scores for _, batch in image_batches(store, keys, batch_size)]
+        out[rule if patches is None else f"{rule}_{patches:g}"] = metrics.image_auroc(labels, np.concatenate(scores))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -177,6 +273,8 @@ def detector_worker(
     batch_size: int,
     pixel_k: float,
     rounds: int,
+    bad_keys: list[str] | None = None,
+    mask_keys: list[str] | None = None,
 ) -> dict[str, Any]:
     """Fit like the pipeline's ``fit_detector`` node, time end-to-end inference, report peak memory.
 
@@ -229,6 +327,7 @@ def detector_worker(
             bare_test.append(_bare_forward(backbone, store, test_keys, dev, step))
     memory = _peak_memory(dev)
     interleaved = _interleaved(detector, store, test_keys, dev, step) if backbone is not None else None
+    quality = _quality(detector, store, test_keys, bad_keys, mask_keys or [], dev, batch_size) if bad_keys else None
 
     n_test = len(test_keys)
     e2e_seconds = sum(r["seconds"] for r in e2e)
@@ -257,9 +356,11 @@ def detector_worker(
         result["fit_ratio_range"] = [fit_seconds / max(bare_train), fit_seconds / min(bare_train)]
     if interleaved:
         result["interleaved"] = interleaved
+    if quality:
+        result["quality"] = quality
     fit_info = getattr(detector, "fit_info", None)
     if fit_info:
-        result["fit_info"] = {key: float(value) for key, value in fit_info.items()}
+        result["fit_info"] = dict(fit_info)  # numbers, plus e.g. bank_capped_by (a key name or None)
     if "loss" in history:
         result["train_loss_per_epoch"] = [float(v) for v in history["loss"]]
     return result
@@ -328,6 +429,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train-images", type=int, default=32, help="images the detectors are fitted on")
     parser.add_argument("--test-images", type=int, default=16, help="images scored for the inference throughput")
+    parser.add_argument(
+        "--defective-images",
+        type=int,
+        default=16,
+        help="defective scenes scored with the normal test images for image/pixel AUROC and AU-PRO (0: off)",
+    )
     parser.add_argument("--detectors", nargs="+", default=["autoencoder", "patchcore"])
     parser.add_argument("--rounds", type=int, default=2, help="end-to-end rounds (bare backbone around each)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -364,6 +471,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_inf_") as tmp:
         root = args.cache or Path(tmp) / "store"
         train_keys, test_keys = make_images(root, args.train_images, args.test_images, args.seed)
+        bad_keys, mask_keys = make_defective(root, args.defective_images, args.seed)
         for key in train_keys + test_keys:  # warm the page cache: disk latency is not what we measure
             (root / key).read_bytes()
         for key in args.detectors:
@@ -380,6 +488,8 @@ def main() -> None:
                 batch_size=batch_size,
                 pixel_k=pixel_k,
                 rounds=args.rounds,
+                bad_keys=bad_keys,
+                mask_keys=mask_keys,
             )
             d = detectors[key]
             logger.info(
@@ -398,6 +508,7 @@ def main() -> None:
             "fit_seconds": d["fit_seconds"],
             "infer_images_per_s": d["infer_images_per_s"],
             "peak_rss_gib": d["peak_rss_gib"],
+            **({f"quality_{k}": v for k, v in d["quality"].items()} if "quality" in d else {}),
         }
         checks[f"{key}_peak_memory_gib"] = {
             "value": peak,
