@@ -14,7 +14,7 @@ implementations, and why:
   for 100 k of 512 k patches). The candidate set is bounded by ``pool_max_patches`` rows: when it fills up, it is
   halved by the same block-wise greedy and later blocks are thinned twice as hard (merge-reduce), so memory does not
   grow with the number of images and earlier images are not favoured. On BSData this two-stage bank scores like one
-  greedy pass over all 512 k patches (anomalib's way) at a tenth of the cost; see docs/performance.md.
+  greedy pass over all 512 k patches (anomalib's way) at an eighth of its cost; see docs/performance.md.
 - **Fast greedy k-center.** The loop is inherently sequential, so the lever is the cost of one iteration. It runs in a
   low-dimensional Gaussian random projection (distances are approximately preserved, Johnson-Lindenstrauss, which is
   all k-center needs), with feature-major storage so each iteration is one cache-friendly matrix-vector product plus
