@@ -89,6 +89,7 @@ def test_feedback_extends_the_bank_keeps_a_helpful_defect_bank_and_reports_befor
     assert defect["evaluated"].startswith("2-fold")
     assert defect["kept"] is True, defect  # one defect type: the other half's bank recognises it
     assert detector.defect_bank is not None and detector.defect_weight == defect["weight"]
+    assert detector.defect_bank.shape[0] == defect["images"] * settings.defect_patches_per_image  # every defect
     # the threshold comes from out-of-fold scores: no calibration defect is missed by it (max_miss_rate 0)
     assert report.calibration_after["miss_rate_at_threshold"] == 0.0
     assert report.after["image_auroc"] >= report.before["image_auroc"]

@@ -214,10 +214,12 @@ def _defect_bank_step(
     plain = np.full(n, np.nan)
     plain[calib_idx] = _score(detector, [paths[i] for i in calib_idx], load, settings.batch_size)
     factor = np.zeros(n)
+    fold_banks = []
     for fold in (0, 1):
         build = [paths[i] for i in defect_idx[folds != fold]]
         test = np.concatenate([normal_idx, defect_idx[folds == fold]]).astype(int)
         detector.set_defect_bank(_batches(build, load, settings.batch_size), per_image, 1.0)
+        fold_banks.append(detector.defect_bank)
         reranked = _score(detector, [paths[i] for i in test], load, settings.batch_size)
         base = plain[test]
         ratio = np.where(base > 0, reranked / np.where(base > 0, base, 1.0) - 1.0, 0.0)
@@ -242,7 +244,10 @@ def _defect_bank_step(
     if best is None:
         return report | {"kept": False, "reason": "no weight improved the calibration labels out of fold"}, None
     weight = best[0]
-    detector.set_defect_bank(_batches([paths[i] for i in defect_idx], load, settings.batch_size), per_image, weight)
+    # Each defect's patches are chosen against the normal bank alone, so the two folds' banks together are the bank of
+    # all confirmed defects: no third pass over the images.
+    state = detector.feedback_state() | {"defect_bank": torch.cat(fold_banks), "defect_weight": weight}
+    detector.set_feedback_state(state)
     calibrated = np.full(n, np.nan)
     calibrated[calib_idx] = base_scores * (1.0 + weight * factor[calib_idx])
     return report | {
