@@ -4,9 +4,9 @@ An operator who answers with the ground truth reviews ``k`` images per round fro
 uncertainty (what the review app's queue serves first: REVIEW, then nearest the threshold) or at random; after each
 round the feedback step runs (:func:`madfh_pipeline.feedback.learning.apply_feedback`: confirmed false alarms extend
 the memory bank, confirmed defects form a defect bank kept only if it helps, the threshold is recalibrated) on all
-labels so far, starting from the originally trained model each time. A *held-out* set, never reviewed, reports after
-every round: false-alarm rate at 95 % recall, image AUROC and AU-PRO@0.05 (canvas), plus the false-alarm and miss
-rates at the threshold in force.
+labels so far, starting from the previous round's model, as the feedback pipeline starts from the active version.
+A *held-out* set, never reviewed, reports after every round: false-alarm rate at 95 % recall, image AUROC and
+AU-PRO@0.05 (canvas), plus the false-alarm and miss rates at the threshold in force.
 
 Pool and held-out are a seeded, label-stratified half/half split of test_public. Random sampling is repeated over
 ``--seeds`` draws and averaged. Inputs: a category folder in the MVTec AD 2 layout (BSData converted by
@@ -127,11 +127,12 @@ def main() -> None:  # noqa: PLR0915
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3, help="random-sampling repetitions")
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two benches side by side)")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.generate_demo:
         width, height = (int(v) for v in args.demo_size.split("x"))
         root = generate_demo(args.generate_demo, args.category, args.demo_scale, width, height, seed=2026)
@@ -199,13 +200,21 @@ def main() -> None:  # noqa: PLR0915
                 rows.append(
                     {"image_id": names[i], "image_path": names[i], "label": int(labels[i]), "decision": decision}
                 )
-            updated, report = apply_feedback(copy.deepcopy(base), pd.DataFrame(rows), lookup.__getitem__, settings)
+            # the previous round's model is the active version the feedback pipeline starts from
+            updated, report = apply_feedback(copy.deepcopy(detector), pd.DataFrame(rows), lookup.__getitem__, settings)
             detector = updated
             scores, _ = _predict(detector, test[pool_idx])
             numbers = _held_out_numbers(detector, test[held], labels[held], held_masks) | {
                 "n_labels": float(len(reviewed)),
                 "patches_added": float(report.steps["extend_bank"].get("patches_added", 0)),
                 "defect_bank_kept": float(bool(report.steps["defect_bank"].get("kept"))),
+                "defect_bank_weight": float(report.steps["defect_bank"].get("weight", 0.0)),
+                "defect_bank_calibration_auroc": float(
+                    report.steps["defect_bank"].get(
+                        "calibration_auroc", report.steps["defect_bank"].get("base_auroc", np.nan)
+                    )
+                ),
+                "defect_bank_base_auroc": float(report.steps["defect_bank"].get("base_auroc", np.nan)),
             }
             logger.info("%s seed %d round %d: %s", strategy, seed, round_index, numbers)
             curve.append(numbers)

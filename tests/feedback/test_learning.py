@@ -11,7 +11,7 @@ import torch
 
 from madfh_pipeline.feedback.learning import (
     FeedbackSettings,
-    _fold_of,
+    _folds,
     apply_feedback,
     far_at_recall,
     holdout_mask,
@@ -34,11 +34,16 @@ def test_far_at_recall_and_threshold_rule_on_a_hand_made_case() -> None:
     assert math.isnan(far_at_recall(labels * 0, scores))
 
 
-def test_folds_are_stable_and_never_empty() -> None:
-    ids = [f"img{i}" for i in range(20)]
-    folds = _fold_of(ids)
-    assert set(folds) == {0, 1} and (folds == _fold_of(ids)).all()
-    assert set(_fold_of(["a", "a"])) == {0, 1}  # the same hash twice is rebalanced
+def test_folds_are_stable_stratified_and_never_empty() -> None:
+    ids = [f"img{i}" for i in range(23)]
+    labels = np.array([1] * 7 + [0] * 16)
+    folds = _folds(ids, labels, 5)
+    assert (folds == _folds(ids, labels, 5)).all()  # a hash, not a random draw
+    for label, n in ((1, 7), (0, 16)):
+        counts = np.bincount(folds[labels == label], minlength=5)
+        assert counts.sum() == n and counts.max() - counts.min() <= 1  # dealt round-robin: balanced per label
+    assert set(folds[labels == 1]) == set(range(5))  # k <= defects: every fold tests a defect
+    assert list(_folds(["a", "a"], np.array([1, 1]), 2)) in ([0, 1], [1, 0])  # the same hash twice still splits
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +91,8 @@ def test_feedback_extends_the_bank_keeps_a_helpful_defect_bank_and_reports_befor
     extend = report.steps["extend_bank"]
     assert extend["images"] == len(grey_alarms) > 0 and extend["patches_added"] == 256 * len(grey_alarms)
     defect = report.steps["defect_bank"]
-    assert defect["evaluated"].startswith("2-fold")
-    assert defect["kept"] is True, defect  # one defect type: the other half's bank recognises it
+    assert defect["evaluated"].startswith(f"{min(5, defect['images'])}-fold")
+    assert defect["kept"] is True, defect  # one defect type: the other folds' bank recognises it
     assert detector.defect_bank is not None and detector.defect_weight == defect["weight"]
     assert detector.defect_bank.shape[0] == defect["images"] * settings.defect_patches_per_image  # every defect
     # the threshold comes from out-of-fold scores: no calibration defect is missed by it (max_miss_rate 0)
@@ -109,3 +114,25 @@ def test_a_defect_bank_that_cannot_help_is_dropped(images: dict[str, torch.Tenso
     defect = report.steps["defect_bank"]
     assert defect.get("base_auroc") == 1.0 and defect["kept"] is False, defect
     assert "out of fold" in defect["reason"] and detector.defect_bank is None
+
+
+def test_a_second_feedback_run_judges_the_new_bank_against_a_model_without_the_old_one(
+    images: dict[str, torch.Tensor],
+) -> None:
+    """The feedback pipeline starts from the active version, which already carries the defect bank of these same
+    defects. Its baseline must be the model without that bank (else its own defects score in sample, the baseline
+    AUROC is 1.0 and the bank is dropped every other run); and a bank kept before stays kept on a tie (hysteresis)."""
+    detector = _fitted()
+    names = [k for k in images if k.startswith(("normal", "dark"))]
+    rows = [{"image_id": n, "image_path": n, "label": int(n.startswith("dark")), "decision": "OK"} for n in names]
+    detector.thresholds = Thresholds(image=1e9, pixel=1.0, rule="test")
+    settings = FeedbackSettings(holdout_fraction=0.0, extend_bank=False, batch_size=8)
+    first, report1 = apply_feedback(detector, pd.DataFrame(rows), images.__getitem__, settings)
+    step1 = report1.steps["defect_bank"]
+    assert step1["kept"] is True and step1["previously_kept"] is False, step1
+    second, report2 = apply_feedback(first, pd.DataFrame(rows), images.__getitem__, settings)
+    step2 = report2.steps["defect_bank"]
+    assert step2["previously_kept"] is True
+    assert step2["base_auroc"] == pytest.approx(step1["base_auroc"])  # not the in-sample AUROC of the old bank
+    assert step2["base_auroc"] < 1.0 and step2["kept"] is True, step2
+    assert second.defect_bank is not None and second.defect_bank.shape[0] == 10 * settings.defect_patches_per_image

@@ -67,15 +67,28 @@ class FeedbackBankMixin:
         return int(added.shape[0])
 
     @torch.no_grad()
-    def set_defect_bank(self, batches: Any, per_image: int = 16, weight: float = 0.0) -> int:
-        """Build the defect bank from confirmed-defect images; returns its size."""
+    def defect_patches(self, batches: Any, per_image: int = 16) -> list[torch.Tensor]:
+        """Each confirmed defect's ``per_image`` patches farthest from the normal bank (on the CPU), one tensor each.
+
+        Chosen against the normal bank alone, so a bank of any subset of the defects is the concatenation of their
+        tensors: cross-fitting builds its fold banks without another pass over the images.
+        """
         rows = []
         for batch in batches():
             for image_rows in self.patch_rows(batch):
                 chosen, _ = self._farthest(image_rows, per_image)
-                rows.append(chosen.cpu())
-        self.defect_bank = torch.cat(rows).float() if rows else None
+                rows.append(chosen.cpu().float())
+        return rows
+
+    def set_defect_rows(self, rows: torch.Tensor | None, weight: float) -> None:
+        """Use ``rows`` (``(n, D)``, e.g. concatenated :meth:`defect_patches`) as the defect bank at ``weight``."""
+        self.defect_bank = rows.float() if rows is not None and rows.shape[0] else None
         self.defect_weight = float(weight) if self.defect_bank is not None else 0.0
+
+    def set_defect_bank(self, batches: Any, per_image: int = 16, weight: float = 0.0) -> int:
+        """Build the defect bank from confirmed-defect images; returns its size."""
+        rows = self.defect_patches(batches, per_image)
+        self.set_defect_rows(torch.cat(rows) if rows else None, weight)
         return 0 if self.defect_bank is None else int(self.defect_bank.shape[0])
 
     def clear_defect_bank(self) -> None:
