@@ -46,6 +46,11 @@ def test_folds_are_stable_stratified_and_never_empty() -> None:
     assert list(_folds(["a", "a"], np.array([1, 1]), 2)) in ([0, 1], [1, 0])  # the same hash twice still splits
 
 
+def test_settings_reject_fewer_than_two_folds() -> None:
+    with pytest.raises(ValueError, match="defect_folds must be at least 2"):
+        FeedbackSettings.from_mapping({"defect_folds": 1})
+
+
 @pytest.fixture(scope="module")
 def images() -> dict[str, torch.Tensor]:
     """Normal parts the bank has not seen, some with a grey patch (false alarms), parts with a faint dark square (one

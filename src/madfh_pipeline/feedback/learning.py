@@ -4,8 +4,9 @@ Operators review what the detector doubts and answer OK or NG. Three things are 
 order the feedback pipeline applies them, and each only from the *calibration* part of the labels (a hashed split by
 image id); the *held-out* part says whether it helped, before and after, with the same numbers every time:
 
-(b) **Confirmed false alarms** are normal images the memory bank did not cover: their patches join the bank
-    (:meth:`add_normal` of detectors that have a bank), so the same normal variation stops alarming.
+(b) **Confirmed false alarms** are normal images the memory bank did not cover: the patches that raised the alarm
+    (above the pixel threshold, the region the detector painted anomalous) join the bank (:meth:`add_normal` of
+    detectors that have a bank), so the same normal variation stops alarming.
 (c) **Confirmed defects** form a defect bank; an image whose most anomalous patches lie near a known defect gets its
     score raised (semi-supervised re-ranking, :meth:`set_defect_bank`). Kept only if it measurably helps on the
     calibration labels *out of fold* (k-fold cross-fitting: each calibration image scored against a bank built from
@@ -121,11 +122,18 @@ class FeedbackSettings:
     max_miss_rate: float = 0.05
     extend_bank: bool = True
     max_normal_patches_per_image: int = 256
+    extend_alarm_region_only: bool = True
     defect_bank: bool = True
     defect_weights: tuple[float, ...] = (0.1, 0.25, 0.5)
     defect_patches_per_image: int = 16
     defect_folds: int = 5
     batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if int(self.defect_folds) < 2:
+            raise ValueError(
+                f"feedback.defect_folds must be at least 2 (one fold to build from, one to test), got {self.defect_folds}."
+            )
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any] | None) -> FeedbackSettings:
@@ -219,7 +227,7 @@ def _defect_bank_step(
 
     The baseline is the detector *without* any defect bank: a model version that already carries one (from the
     previous feedback run, built from these same defects) would otherwise score its own defects in sample. The
-    re-ranking factor ``2r − 1`` does not depend on the weight, so one forward (at weight 1) gives the scores of every
+    boost factor ``max(0, 2r − 1)`` does not depend on the weight, so one forward (at weight 1) gives the scores of every
     candidate weight: ``plain · (1 + w · factor)``. The weight with the highest out-of-fold AUROC wins (the smaller
     on a tie); it is kept if that AUROC beats the baseline's, or equals it when the model already carried a kept bank
     (hysteresis). The false-alarm rate at the recall target is reported but not a criterion: on a few dozen labels it
@@ -308,10 +316,14 @@ def apply_feedback(
         if c and y == 0 and d in ("NG", "REVIEW")
     ]
     if settings.extend_bank and false_alarms and hasattr(detector, "add_normal"):
-        added = detector.add_normal(
-            _batches(false_alarms, load, settings.batch_size), settings.max_normal_patches_per_image
+        pixel = getattr(detector.thresholds, "pixel", None)
+        floor = (
+            float(pixel) if settings.extend_alarm_region_only and pixel is not None and math.isfinite(pixel) else None
         )
-        steps["extend_bank"] = {"images": len(false_alarms), "patches_added": int(added)}
+        added = detector.add_normal(
+            _batches(false_alarms, load, settings.batch_size), settings.max_normal_patches_per_image, floor
+        )
+        steps["extend_bank"] = {"images": len(false_alarms), "patches_added": int(added), "min_distance": floor}
     else:
         reason = (
             "disabled"

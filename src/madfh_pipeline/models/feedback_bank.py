@@ -7,11 +7,12 @@ per image or tile), ``_nearest(rows)`` (distance to the nearest bank patch), ``m
   that lie farthest from the bank (those that raised the alarm) are added, at most ``max_per_image`` per image, so
   the same normal variation stops alarming while the bank (and the kNN cost) grows by a bounded amount.
 - :meth:`set_defect_bank` — a confirmed defect's most anomalous patches (farthest from the normal bank: the defect,
-  not the part around it) form a *defect bank*. An image's score is then re-ranked by where its most anomalous patch
-  lies between the two banks: ``score · (1 + w · (2r − 1))`` with ``r = d_normal / (d_normal + d_defect)`` — up when
-  it is closer to a known defect than to anything normal, down when it is closer to normal. ``w`` = ``defect_weight``
-  (0 disables it); the feedback step keeps the bank only when it measurably helps (:mod:`madfh_pipeline.feedback.
-  learning`).
+  not the part around it) form a *defect bank*. An image's score is then boosted by where its most anomalous patch
+  lies between the two banks: ``score · (1 + w · max(0, 2r − 1))`` with ``r = d_normal / (d_normal + d_defect)`` — up
+  when it is closer to a known defect than to anything normal, never down. Anomaly detection is open-set: a defect of
+  a type no operator has confirmed yet must keep its unsupervised score (a two-sided factor pushed such defects down
+  with the normals, and lost held-out AUROC on the demo's mixed defect types). ``w`` = ``defect_weight`` (0 disables
+  it); the feedback step keeps the bank only when it measurably helps (:mod:`madfh_pipeline.feedback.learning`).
 """
 
 from __future__ import annotations
@@ -49,16 +50,24 @@ class FeedbackBankMixin:
         return rows[order], distance[order]
 
     @torch.no_grad()
-    def add_normal(self, batches: Any, max_per_image: int = 256) -> int:
-        """Add the patches of confirmed-normal images that the bank covers worst; returns how many were added."""
+    def add_normal(self, batches: Any, max_per_image: int = 256, min_distance: float | None = None) -> int:
+        """Add the patches of confirmed-normal images that the bank covers worst; returns how many were added.
+
+        ``min_distance`` (e.g. the pixel threshold) keeps only the patches that raised the alarm — those the detector
+        painted as anomalous. Without it, the ``max_per_image`` farthest patches are added whatever their distance:
+        an image's most unusual *normal-looking* patches then join the bank too, and the bank starts to cover the
+        subtle defects that resemble them.
+        """
         if self.memory_bank is None:  # type: ignore[attr-defined]
             raise RuntimeError("The detector has no memory bank: fit it before adding feedback.")
         new = []
         for batch in batches():
             for rows in self.patch_rows(batch):
-                chosen, _ = self._farthest(rows, max_per_image)
+                chosen, distance = self._farthest(rows, max_per_image)
+                if min_distance is not None:
+                    chosen = chosen[distance >= float(min_distance)]
                 new.append(chosen.cpu())
-        if not new:
+        if not new or not sum(int(n.shape[0]) for n in new):
             return 0
         added = torch.cat(new)
         self._set_bank(torch.cat([self.memory_bank.cpu(), added]))  # type: ignore[attr-defined]
@@ -96,13 +105,13 @@ class FeedbackBankMixin:
         self.defect_weight = 0.0
 
     def rerank(self, scores: torch.Tensor, features: torch.Tensor, normal_distance: torch.Tensor) -> torch.Tensor:
-        """Re-rank image scores by the most anomalous patch's place between the normal and the defect bank."""
+        """Boost image scores whose most anomalous patch lies nearer a confirmed defect than anything normal."""
         if self.defect_bank is None or not self.defect_weight:
             return scores
         bank = self.defect_bank.to(features.device)
         defect_distance = torch.cdist(features.float(), bank).min(dim=1).values
         ratio = normal_distance / (normal_distance + defect_distance).clamp_min(1e-12)
-        return scores * (1.0 + float(self.defect_weight) * (2.0 * ratio - 1.0))
+        return scores * (1.0 + float(self.defect_weight) * (2.0 * ratio - 1.0).clamp_min(0.0))
 
     def feedback_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
