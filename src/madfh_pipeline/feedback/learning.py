@@ -8,8 +8,8 @@ image id); the *held-out* part says whether it helped, before and after, with th
     (above the pixel threshold, the region the detector painted anomalous) join the bank (:meth:`add_normal` of
     detectors that have a bank), so the same normal variation stops alarming.
 (c) **Confirmed defects** form a defect bank; an image whose most anomalous patches lie near a known defect gets its
-    score raised (semi-supervised re-ranking, :meth:`set_defect_bank`). Kept only if it measurably helps on the
-    calibration labels *out of fold* (k-fold cross-fitting: each calibration image scored against a bank built from
+    score raised, never lowered (semi-supervised re-ranking, :meth:`set_defect_bank`). Kept only if it measurably
+    helps on the calibration labels *out of fold* (k-fold cross-fitting: each calibration image scored against a bank built from
     the defects of the other folds): image AUROC up — or, for a model that already carries a kept defect bank, not
     down (hysteresis, so that one more label does not flip the decision back and forth); otherwise dropped and the
     report says so.
