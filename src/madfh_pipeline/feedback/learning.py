@@ -9,8 +9,8 @@ image id); the *held-out* part says whether it helped, before and after, with th
     detectors that have a bank), so the same normal variation stops alarming.
 (c) **Confirmed defects** form a defect bank; an image whose most anomalous patches lie near a known defect gets its
     score raised, never lowered (semi-supervised re-ranking, :meth:`set_defect_bank`). Kept only if it measurably
-    helps on the calibration labels *out of fold* (k-fold cross-fitting: each calibration image scored against a bank built from
-    the defects of the other folds): image AUROC up — or, for a model that already carries a kept defect bank, not
+    helps on the calibration labels *out of fold* (k-fold cross-fitting: each calibration image scored against a
+    bank built from the defects of the other folds): image AUROC up — or, for a model that already carries a kept defect bank, not
     down (hysteresis, so that one more label does not flip the decision back and forth); otherwise dropped and the
     report says so.
 (a) The **image threshold** is recalibrated from the labelled scores (after b and c; with a defect bank, from the
