@@ -10,9 +10,9 @@ image id); the *held-out* part says whether it helped, before and after, with th
 (c) **Confirmed defects** form a defect bank; an image whose most anomalous patches lie near a known defect gets its
     score raised, never lowered (semi-supervised re-ranking, :meth:`set_defect_bank`). Kept only if it measurably
     helps on the calibration labels *out of fold* (k-fold cross-fitting: each calibration image scored against a
-    bank built from the defects of the other folds): image AUROC up — or, for a model that already carries a kept defect bank, not
-    down (hysteresis, so that one more label does not flip the decision back and forth); otherwise dropped and the
-    report says so.
+    bank built from the defects of the other folds): image AUROC up — or, for a model that already carries a kept
+    defect bank, not down (hysteresis, so that one more label does not flip the decision back and forth); otherwise
+    dropped and the report says so.
 (a) The **image threshold** is recalibrated from the labelled scores (after b and c; with a defect bank, from the
     out-of-fold scores): the highest threshold that still misses at most ``max_miss_rate`` of the confirmed defects,
     i.e. the lowest false-alarm rate at that miss rate.
@@ -132,7 +132,8 @@ class FeedbackSettings:
     def __post_init__(self) -> None:
         if int(self.defect_folds) < 2:
             raise ValueError(
-                f"feedback.defect_folds must be at least 2 (one fold to build from, one to test), got {self.defect_folds}."
+                "feedback.defect_folds must be at least 2 (one fold to build from, one to test), "
+                f"got {self.defect_folds}."
             )
 
     @classmethod
@@ -227,11 +228,11 @@ def _defect_bank_step(
 
     The baseline is the detector *without* any defect bank: a model version that already carries one (from the
     previous feedback run, built from these same defects) would otherwise score its own defects in sample. The
-    boost factor ``max(0, 2r − 1)`` does not depend on the weight, so one forward (at weight 1) gives the scores of every
-    candidate weight: ``plain · (1 + w · factor)``. The weight with the highest out-of-fold AUROC wins (the smaller
-    on a tie); it is kept if that AUROC beats the baseline's, or equals it when the model already carried a kept bank
-    (hysteresis). The false-alarm rate at the recall target is reported but not a criterion: on a few dozen labels it
-    is set by the single lowest-scoring defect. Returns the step's report and the out-of-fold scores of the kept
+    boost factor ``max(0, 2r − 1)`` does not depend on the weight, so one forward (at weight 1) gives the scores of
+    every candidate weight: ``plain · (1 + w · factor)``. The weight with the highest out-of-fold AUROC wins (the
+    smaller on a tie); it is kept if that AUROC beats the baseline's, or equals it when the model already carried a
+    kept bank (hysteresis). The false-alarm rate at the recall target is reported but not a criterion: on a few dozen
+    labels it is set by the single lowest-scoring defect. Returns the step's report and the out-of-fold scores of the kept
     weight (``None`` when the bank is dropped).
     """
     n = len(paths)
