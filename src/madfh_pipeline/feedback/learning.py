@@ -232,8 +232,8 @@ def _defect_bank_step(
     every candidate weight: ``plain · (1 + w · factor)``. The weight with the highest out-of-fold AUROC wins (the
     smaller on a tie); it is kept if that AUROC beats the baseline's, or equals it when the model already carried a
     kept bank (hysteresis). The false-alarm rate at the recall target is reported but not a criterion: on a few dozen
-    labels it is set by the single lowest-scoring defect. Returns the step's report and the out-of-fold scores of the kept
-    weight (``None`` when the bank is dropped).
+    labels it is set by the single lowest-scoring defect. Returns the step's report and the out-of-fold scores of the
+    kept weight (``None`` when the bank is dropped).
     """
     n = len(paths)
     had_bank = getattr(detector, "defect_bank", None) is not None and float(getattr(detector, "defect_weight", 0)) > 0

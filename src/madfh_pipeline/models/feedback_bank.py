@@ -4,8 +4,9 @@ A mixin for detectors with a patch memory bank (PatchCore): it needs ``_embeddin
 per image or tile), ``_nearest(rows)`` (distance to the nearest bank patch), ``memory_bank`` and ``_set_bank``.
 
 - :meth:`add_normal` — a confirmed false alarm is a normal image whose variation the bank did not cover. Its patches
-  that lie farthest from the bank (those that raised the alarm) are added, at most ``max_per_image`` per image, so
-  the same normal variation stops alarming while the bank (and the kNN cost) grows by a bounded amount.
+  that lie farthest from the bank, and above ``min_distance`` when given (the feedback step passes the pixel
+  threshold: the patches that raised the alarm), are added, at most ``max_per_image`` per image, so the same normal
+  variation stops alarming while the bank (and the kNN cost) grows by a bounded amount.
 - :meth:`set_defect_bank` — a confirmed defect's most anomalous patches (farthest from the normal bank: the defect,
   not the part around it) form a *defect bank*. An image's score is then boosted by where its most anomalous patch
   lies between the two banks: ``score · (1 + w · max(0, 2r − 1))`` with ``r = d_normal / (d_normal + d_defect)`` — up
