@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from madfh_pipeline.calibration import thresholds_from_normal
 from madfh_pipeline.feedback.learning import (
     FeedbackSettings,
     _folds,
@@ -71,14 +72,17 @@ def _fitted() -> PatchCore:
     return detector
 
 
-def test_feedback_extends_the_bank_keeps_a_helpful_defect_bank_and_reports_before_after(
+def test_feedback_judges_the_bank_extension_keeps_a_helpful_defect_bank_and_reports_before_after(
     images: dict[str, torch.Tensor],
 ) -> None:
     detector = _fitted()
     used = {k: v for k, v in images.items() if not k.startswith("strong")}
     plain = {k: float(detector.predict(v[None]).scores[0]) for k, v in used.items()}
     threshold = float(np.median(list(plain.values())))
-    detector.thresholds = Thresholds(image=threshold, pixel=1.0, rule="test")
+    # the pixel threshold as calibration sets it: from defect-free parts the bank has not seen
+    validation = detector.predict(torch.stack([images[f"normal_{i}"] for i in range(10)]))
+    pixel = thresholds_from_normal(list(validation.maps), validation.scores).pixel
+    detector.thresholds = Thresholds(image=threshold, pixel=pixel, rule="test")
     rows = [
         {
             "image_id": name,
@@ -94,7 +98,11 @@ def test_feedback_extends_the_bank_keeps_a_helpful_defect_bank_and_reports_befor
     hold = holdout_mask([r["image_id"] for r in rows], 0.3)
     grey_alarms = [r for r, h in zip(rows, hold, strict=True) if not h and r["label"] == 0 and r["decision"] == "NG"]
     extend = report.steps["extend_bank"]
-    assert extend["images"] == len(grey_alarms) > 0 and extend["patches_added"] == 256 * len(grey_alarms)
+    # Parts the bank never saw alarm all over, defects and false alarms alike: the false alarms' patches would cover
+    # the defective parts too. Judged out of fold, the extension lowers the AUROC, so nothing is added.
+    assert extend["images"] == len(grey_alarms) > 1 and extend["judged"] is True, extend
+    assert extend["auroc"] < extend["base_auroc"] and extend["patches_added"] == 0, extend
+    assert "lowered" in extend["reason"]
     defect = report.steps["defect_bank"]
     assert defect["evaluated"].startswith(f"{min(5, defect['images'])}-fold")
     assert defect["kept"] is True, defect  # one defect type: the other folds' bank recognises it
@@ -141,3 +149,42 @@ def test_a_second_feedback_run_judges_the_new_bank_against_a_model_without_the_o
     assert step2["base_auroc"] == pytest.approx(step1["base_auroc"])  # not the in-sample AUROC of the old bank
     assert step2["base_auroc"] < 1.0 and step2["kept"] is True, step2
     assert second.defect_bank is not None and second.defect_bank.shape[0] == 10 * settings.defect_patches_per_image
+
+
+def test_a_false_alarm_unlike_the_defects_joins_the_bank_and_stops_alarming() -> None:
+    """Known parts: a grey mark (a normal variation) alarms, a dark square is the defect. The grey marks' patches do
+    not cover dark squares, so out of fold the extension does not lower the AUROC: they are added, and the next grey
+    mark scores like a normal part."""
+    detector = _fitted()
+    parts = textures(8, seed=1)  # the training parts
+    noise = torch.Generator().manual_seed(7)
+    out: dict[str, torch.Tensor] = {}
+    for i in range(8):
+        jitter = (parts[i : i + 1] + 0.03 * torch.randn(parts[i : i + 1].shape, generator=noise)).clamp(0, 1)
+        out[f"normal_{i}"] = jitter[0]
+        out[f"grey_{i}"] = plant_square(jitter, 10 + 9 * (i % 4), 20 + 11 * (i % 3), 12, 0.5)[0]
+        out[f"dark_{i}"] = plant_square(jitter, 70 - 5 * (i % 4), 60 + 7 * (i % 3), 10, 0.05)[0]
+    validation = detector.predict(torch.stack([out[f"normal_{i}"] for i in range(8)]))
+    detector.thresholds = thresholds_from_normal(list(validation.maps), validation.scores)
+    rows = [
+        {
+            "image_id": n,
+            "image_path": n,
+            "label": int(n.startswith("dark")),
+            "decision": "NG" if n.startswith("grey") else "OK",
+        }
+        for n in out
+        if not n.endswith("_7")  # part 7 is the next day's part
+    ]
+    settings = FeedbackSettings(holdout_fraction=0.0, defect_bank=False, batch_size=8)
+    grey_before = float(detector.predict(out["grey_7"][None]).scores[0])
+
+    _, report = apply_feedback(detector, pd.DataFrame(rows), out.__getitem__, settings)
+
+    extend = report.steps["extend_bank"]
+    assert extend["judged"] is True and extend["auroc"] >= extend["base_auroc"], extend
+    assert 0 < extend["patches_added"] <= 7 * settings.max_normal_patches_per_image
+    assert extend["min_distance"] == pytest.approx(detector.thresholds.pixel)
+    grey_after = float(detector.predict(out["grey_7"][None]).scores[0])
+    dark_after = float(detector.predict(out["dark_7"][None]).scores[0])
+    assert grey_after < grey_before and grey_after < dark_after

@@ -51,30 +51,42 @@ class FeedbackBankMixin:
         return rows[order], distance[order]
 
     @torch.no_grad()
-    def add_normal(self, batches: Any, max_per_image: int = 256, min_distance: float | None = None) -> int:
-        """Add the patches of confirmed-normal images that the bank covers worst; returns how many were added.
+    def normal_patches(
+        self, batches: Any, max_per_image: int = 256, min_distance: float | None = None
+    ) -> list[torch.Tensor]:
+        """Each confirmed-normal image's patches that the bank covers worst (on the CPU), one tensor each.
 
         ``min_distance`` (e.g. the pixel threshold) keeps only the patches that raised the alarm — those the detector
-        painted as anomalous. Without it, the ``max_per_image`` farthest patches are added whatever their distance:
+        painted as anomalous. Without it, the ``max_per_image`` farthest patches are taken whatever their distance:
         an image's most unusual *normal-looking* patches then join the bank too, and the bank starts to cover the
         subtle defects that resemble them.
         """
         if self.memory_bank is None:  # type: ignore[attr-defined]
             raise RuntimeError("The detector has no memory bank: fit it before adding feedback.")
-        new = []
+        rows = []
         for batch in batches():
-            for rows in self.patch_rows(batch):
-                chosen, distance = self._farthest(rows, max_per_image)
+            for image_rows in self.patch_rows(batch):
+                chosen, distance = self._farthest(image_rows, max_per_image)
                 if min_distance is not None:
                     chosen = chosen[distance >= float(min_distance)]
-                new.append(chosen.cpu())
-        if not new or not sum(int(n.shape[0]) for n in new):
+                rows.append(chosen.cpu().float())
+        return rows
+
+    def extend_bank(self, rows: torch.Tensor) -> int:
+        """Append confirmed-normal patches (``(n, D)``) to the memory bank; returns how many were added."""
+        if self.memory_bank is None:  # type: ignore[attr-defined]
+            raise RuntimeError("The detector has no memory bank: fit it before adding feedback.")
+        if rows.shape[0] == 0:
             return 0
-        added = torch.cat(new)
-        self._set_bank(torch.cat([self.memory_bank.cpu(), added]))  # type: ignore[attr-defined]
-        self.normal_patches_added = int(self.normal_patches_added) + int(added.shape[0])
-        logger.info("Memory bank extended by %d patches of confirmed-normal images.", added.shape[0])
-        return int(added.shape[0])
+        self._set_bank(torch.cat([self.memory_bank.cpu(), rows.cpu()]))  # type: ignore[attr-defined]
+        self.normal_patches_added = int(self.normal_patches_added) + int(rows.shape[0])
+        logger.info("Memory bank extended by %d patches of confirmed-normal images.", rows.shape[0])
+        return int(rows.shape[0])
+
+    def add_normal(self, batches: Any, max_per_image: int = 256, min_distance: float | None = None) -> int:
+        """Add the patches of confirmed-normal images that the bank covers worst (see :meth:`normal_patches`)."""
+        rows = self.normal_patches(batches, max_per_image, min_distance)
+        return self.extend_bank(torch.cat(rows) if rows else torch.empty(0, 0))
 
     @torch.no_grad()
     def defect_patches(self, batches: Any, per_image: int = 16) -> list[torch.Tensor]:
