@@ -177,16 +177,16 @@ def test_pyfunc_loader_refuses_a_pickle_payload(
     assert marker.exists()
 
 
-@pytest.mark.slow
 def _printed_json(out: str) -> dict[str, Any]:
-    """The command's JSON document. Standalone, logs go to stderr; inside this suite a Kedro session of an earlier test may
-    have left a console log handler on stdout, so log lines can precede it."""
+    """The command's JSON document. Standalone, logs go to stderr; inside this suite a Kedro session of an earlier
+    test may have left a console log handler on stdout, so log lines can precede it."""
     start = 0 if out.startswith("{") else out.find("\n{") + 1
     assert start or out.startswith("{"), f"no JSON printed: {out!r}"
     value, _ = json.JSONDecoder().raw_decode(out[start:])
     return value
 
 
+@pytest.mark.slow
 def test_command_line_registers_lists_and_refuses_a_bad_rollback(
     model_folder: Path, mlflow_store: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
