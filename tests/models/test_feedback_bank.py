@@ -45,6 +45,15 @@ def one_batch(images: torch.Tensor):  # noqa: ANN201 - a BatchSource
     return lambda: iter([images])
 
 
+def add_normal(detector: PatchCore, images: torch.Tensor, per_image: int, floor: float | None = None) -> int:
+    """What the feedback step does with confirmed false alarms it keeps."""
+    return detector.extend_bank(torch.cat(detector.farthest_patches(one_batch(images), per_image, floor)))
+
+
+def defect_rows(detector: PatchCore, images: torch.Tensor, per_image: int) -> torch.Tensor:
+    return torch.cat(detector.farthest_patches(one_batch(images), per_image))
+
+
 def test_a_confirmed_false_alarm_stops_alarming() -> None:
     """A normal variation the bank never saw (a grey patch on a known part) alarms; once confirmed normal it does not."""
     detector = fitted()
@@ -55,7 +64,7 @@ def test_a_confirmed_false_alarm_stops_alarming() -> None:
     assert before > normal_before.max()
     bank_before = detector.memory_bank.shape[0]
 
-    added = detector.add_normal(one_batch(variation), max_per_image=64)
+    added = add_normal(detector, variation, 64)
 
     assert added == 64 and detector.memory_bank.shape[0] == bank_before + 64
     assert detector.normal_patches_added == 64
@@ -75,11 +84,11 @@ def test_a_false_alarm_adds_only_the_region_that_alarmed_when_given_a_floor() ->
     expected = int((distance >= floor).sum())
     assert 0 < expected < 64
 
-    added = detector.add_normal(one_batch(variation), max_per_image=64, min_distance=floor)
+    added = add_normal(detector, variation, 64, floor)
 
     assert added == expected
     assert float(detector.predict(variation).scores[0]) < detector.predict(TRAIN[2:5]).scores.min()
-    assert detector.add_normal(one_batch(TRAIN[2:3]), max_per_image=64, min_distance=1e9) == 0  # nothing above
+    assert add_normal(detector, TRAIN[2:3], 64, 1e9) == 0  # nothing above
 
 
 def test_defect_bank_reranks_and_weight_zero_is_a_no_op() -> None:
@@ -89,8 +98,8 @@ def test_defect_bank_reranks_and_weight_zero_is_a_no_op() -> None:
     other = torch.cat([base[1:], plant_square(base[1:2], 70, 70, 14, 0.0)])
     plain = detector.predict(other).scores
 
-    size = detector.set_defect_bank(one_batch(known_defect), per_image=8, weight=0.0)
-    assert size == 8
+    detector.set_defect_bank(defect_rows(detector, known_defect, 8), weight=0.0)
+    assert detector.defect_bank is not None and detector.defect_bank.shape[0] == 8
     torch.testing.assert_close(torch.from_numpy(detector.predict(other).scores), torch.from_numpy(plain))
 
     detector.defect_weight = 0.5
@@ -106,8 +115,8 @@ def test_defect_bank_reranks_and_weight_zero_is_a_no_op() -> None:
 
 def test_feedback_state_survives_the_model_file(tmp_path: Path) -> None:
     detector = fitted()
-    detector.add_normal(one_batch(plant_square(TRAIN[:1], 40, 40, 16, 0.5)), max_per_image=32)
-    detector.set_defect_bank(one_batch(plant_square(textures(1, seed=9), 30, 30, 14, 0.0)), per_image=8, weight=0.3)
+    add_normal(detector, plant_square(TRAIN[:1], 40, 40, 16, 0.5), 32)
+    detector.set_defect_bank(defect_rows(detector, plant_square(textures(1, seed=9), 30, 30, 14, 0.0), 8), 0.3)
     images = torch.cat([textures(2, seed=10), plant_square(textures(1, seed=11), 60, 60, 14, 0.0)])
     expected = detector.predict(images).scores
 
@@ -122,6 +131,21 @@ def test_feedback_state_survives_the_model_file(tmp_path: Path) -> None:
     torch.testing.assert_close(torch.from_numpy(loaded.predict(images).scores), torch.from_numpy(expected))
 
 
-def test_add_normal_needs_a_fitted_bank() -> None:
+def test_a_trial_extension_is_undone_after_its_block_even_on_error() -> None:
+    detector = fitted()
+    variation = plant_square(TRAIN[:1], 40, 40, 16, 0.5)
+    bank = detector.memory_bank.clone()
+    before = float(detector.predict(variation).scores[0])
+    rows = torch.cat(detector.farthest_patches(one_batch(variation), 64))
+    with detector.trial_extension(rows):
+        assert detector.memory_bank.shape[0] == bank.shape[0] + 64
+        assert float(detector.predict(variation).scores[0]) < before
+    with pytest.raises(ZeroDivisionError), detector.trial_extension(rows):
+        _ = 1 / 0
+    torch.testing.assert_close(detector.memory_bank, bank)
+    assert detector.normal_patches_added == 0 and float(detector.predict(variation).scores[0]) == before
+
+
+def test_feedback_patches_need_a_fitted_bank() -> None:
     with pytest.raises(RuntimeError, match="fit it before adding feedback"):
-        PatchCore(SMALL_CONFIG).add_normal(one_batch(textures(1, height=SIZE, width=SIZE)))
+        PatchCore(SMALL_CONFIG).farthest_patches(one_batch(textures(1, height=SIZE, width=SIZE)))

@@ -5,7 +5,7 @@ order the feedback pipeline applies them, and each only from the *calibration* p
 image id); the *held-out* part says whether it helped, before and after, with the same numbers every time:
 
 (b) **Confirmed false alarms** are normal images the memory bank did not cover: the patches that raised the alarm
-    (above the pixel threshold, the region the detector painted anomalous) join the bank (:meth:`add_normal` of
+    (above the pixel threshold, the region the detector painted anomalous) join the bank (:meth:`extend_bank` of
     detectors that have a bank), so the same normal variation stops alarming.
 (c) **Confirmed defects** form a defect bank; an image whose most anomalous patches lie near a known defect gets its
     score raised, never lowered (semi-supervised re-ranking, :meth:`set_defect_bank`). Kept only if it measurably
@@ -216,6 +216,7 @@ def _defect_bank_step(
     load: CanvasLoader,
     settings: FeedbackSettings,
     had_bank: bool,
+    plain: np.ndarray | None,
 ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Choose the defect bank's weight by k-fold cross-fitting on the calibration labels; keep it only if it helps.
 
@@ -242,14 +243,15 @@ def _defect_bank_step(
     k = max(2, min(int(settings.defect_folds), len(defect_idx)))
     fold = np.full(n, -1)
     fold[calib_idx] = _folds([ids[i] for i in calib_idx], labels[calib_idx], k)
-    plain = np.full(n, np.nan)
-    plain[calib_idx] = _score(detector, [paths[i] for i in calib_idx], load, settings.batch_size)
-    patches = detector.defect_patches(
+    if plain is None:
+        plain = np.full(n, np.nan)
+        plain[calib_idx] = _score(detector, [paths[i] for i in calib_idx], load, settings.batch_size)
+    patches = detector.farthest_patches(
         _batches([paths[i] for i in defect_idx], load, settings.batch_size), settings.defect_patches_per_image
     )
     factor = np.zeros(n)
     for f in range(k):
-        detector.set_defect_rows(torch.cat([p for p, i in zip(patches, defect_idx, strict=True) if fold[i] != f]), 1.0)
+        detector.set_defect_bank(torch.cat([p for p, i in zip(patches, defect_idx, strict=True) if fold[i] != f]), 1.0)
         test = np.flatnonzero(fold == f)
         reranked = _score(detector, [paths[i] for i in test], load, settings.batch_size)
         base = plain[test]
@@ -277,7 +279,7 @@ def _defect_bank_step(
     if not helps:
         return report | {"kept": False, "reason": "no weight improved the calibration labels out of fold"}, None
     assert best is not None
-    detector.set_defect_rows(torch.cat(patches), best["weight"])
+    detector.set_defect_bank(torch.cat(patches), best["weight"])
     calibrated = np.full(n, np.nan)
     calibrated[calib_idx] = base_scores * (1.0 + best["weight"] * factor[calib_idx])
     return report | {
@@ -297,7 +299,8 @@ def _extend_step(
     false_alarms: np.ndarray,
     load: CanvasLoader,
     settings: FeedbackSettings,
-) -> dict[str, Any]:
+    plain: np.ndarray | None,
+) -> tuple[dict[str, Any], np.ndarray | None]:
     """Add confirmed false alarms' alarm patches to the memory bank — if that does not hurt the ranking out of fold.
 
     Why judged: a normal image's alarm region can look like a subtle defect (a wear mark next to a pit), and once in
@@ -308,10 +311,13 @@ def _extend_step(
     patches are added only if that out-of-fold AUROC is not below the plain bank's. With fewer than two false alarms
     or no confirmed defect there is nothing to judge with; the patches are then added (the operator's verdict, and
     only the alarm region) and the report says it was not judged.
+
+    ``plain``: the calibration scores of the detector as it is (no defect bank), when the caller has them. Returns the
+    report and those scores while they still hold (the bank unchanged), else ``None``.
     """
     pixel = getattr(detector.thresholds, "pixel", None)
     floor = float(pixel) if settings.extend_alarm_region_only and pixel is not None and math.isfinite(pixel) else None
-    patches = detector.normal_patches(
+    patches = detector.farthest_patches(
         _batches([paths[i] for i in false_alarms], load, settings.batch_size),
         settings.max_normal_patches_per_image,
         floor,
@@ -322,30 +328,30 @@ def _extend_step(
     if len(false_alarms) < 2 or n_defects == 0:
         added = detector.extend_bank(torch.cat(patches))
         why = "fewer than 2 confirmed false alarms" if len(false_alarms) < 2 else "no confirmed defect"
-        return report | {"patches_added": added, "judged": False, "reason": f"not judged: {why}"}
+        report |= {"patches_added": added, "judged": False, "reason": f"not judged: {why}"}
+        return report, (plain if added == 0 else None)
     n = len(paths)
     k = max(2, min(int(settings.defect_folds), len(false_alarms)))
     group = labels.copy()
     group[false_alarms] = 2  # a stratum of its own: every fold tests a false alarm, every complement adds one
     fold = np.full(n, -1)
     fold[calib_idx] = _folds([ids[i] for i in calib_idx], group[calib_idx], k)
-    plain = _score(detector, [paths[i] for i in calib_idx], load, settings.batch_size)
-    bank = detector.memory_bank.detach().cpu().clone()
+    if plain is None:
+        plain = np.full(n, np.nan)
+        plain[calib_idx] = _score(detector, [paths[i] for i in calib_idx], load, settings.batch_size)
     extended = np.full(n, np.nan)
-    try:
-        for f in range(k):
-            other = [p for p, i in zip(patches, false_alarms, strict=True) if fold[i] != f]
-            detector._set_bank(torch.cat([bank, *other]))
+    for f in range(k):
+        other = torch.cat([p for p, i in zip(patches, false_alarms, strict=True) if fold[i] != f])
+        with detector.trial_extension(other):
             test = np.flatnonzero(fold == f)
             extended[test] = _score(detector, [paths[i] for i in test], load, settings.batch_size)
-    finally:
-        detector._set_bank(bank)
     y = labels[calib_idx]
-    base_auroc, oof_auroc = image_auroc(y, plain), image_auroc(y, extended[calib_idx])
+    base_auroc, oof_auroc = image_auroc(y, plain[calib_idx]), image_auroc(y, extended[calib_idx])
     report |= {"judged": True, "evaluated": f"{k}-fold out of fold", "base_auroc": base_auroc, "auroc": oof_auroc}
     if oof_auroc < base_auroc:
-        return report | {"patches_added": 0, "reason": "the extension lowered the calibration AUROC out of fold"}
-    return report | {"patches_added": detector.extend_bank(torch.cat(patches))}
+        return report | {"patches_added": 0, "reason": "the extension lowered the calibration AUROC out of fold"}, plain
+    added = detector.extend_bank(torch.cat(patches))
+    return report | {"patches_added": added}, (plain if added == 0 else None)
 
 
 def apply_feedback(
@@ -374,6 +380,8 @@ def apply_feedback(
     had_bank = previous_defects.get("defect_bank") is not None and float(previous_defects.get("defect_weight", 0)) > 0
     if hasattr(detector, "clear_defect_bank"):
         detector.clear_defect_bank()
+    # calibration scores without a defect bank, shared by (b) and (c) while the memory bank is unchanged
+    plain: np.ndarray | None = None if had_bank else np.where(calib, scores_before, np.nan)
     ids = frame["image_id"].astype(str).tolist()
 
     # (b) confirmed false alarms: normal images the bank did not cover
@@ -385,8 +393,10 @@ def apply_feedback(
         ],
         dtype=int,
     )
-    if settings.extend_bank and len(false_alarms) and hasattr(detector, "normal_patches"):
-        steps["extend_bank"] = _extend_step(detector, paths, ids, labels, calib, false_alarms, load, settings)
+    if settings.extend_bank and len(false_alarms) and hasattr(detector, "farthest_patches"):
+        steps["extend_bank"], plain = _extend_step(
+            detector, paths, ids, labels, calib, false_alarms, load, settings, plain
+        )
     else:
         reason = (
             "disabled"
@@ -400,23 +410,22 @@ def apply_feedback(
     # (c) confirmed defects: a defect bank that re-ranks, kept only if it helps out of fold on the calibration labels
     defects = [i for i in np.flatnonzero(calib) if labels[i] == 1]
     calibrated: np.ndarray | None = None  # out-of-fold calibration scores of the kept defect bank
-    if settings.defect_bank and len(defects) >= 2 and hasattr(detector, "defect_patches"):
+    if settings.defect_bank and len(defects) >= 2 and hasattr(detector, "farthest_patches"):
         steps["defect_bank"], calibrated = _defect_bank_step(
-            detector, paths, ids, labels, calib, load, settings, had_bank
+            detector, paths, ids, labels, calib, load, settings, had_bank, plain
         )
     else:
-        if had_bank:  # nothing new to judge it with: the model keeps the bank it had
-            detector.set_defect_rows(previous_defects["defect_bank"], float(previous_defects["defect_weight"]))
         reason = (
             "disabled"
             if not settings.defect_bank
             else (
                 f"{type(detector).__name__} has no memory bank"
-                if not hasattr(detector, "defect_patches")
+                if not hasattr(detector, "farthest_patches")
                 else "needs at least 2 confirmed defects (one to build from, one to test on)"
             )
         )
-        if had_bank:
+        if had_bank:  # nothing new to judge it with: the model keeps the bank it had
+            detector.set_defect_bank(previous_defects["defect_bank"], float(previous_defects["defect_weight"]))
             reason += "; the previous version's defect bank stays"
         steps["defect_bank"] = {"images": len(defects), "kept": had_bank, "reason": reason}
 

@@ -3,10 +3,10 @@
 A mixin for detectors with a patch memory bank (PatchCore): it needs ``_embedding_chunks(images)`` (patch embeddings
 per image or tile), ``_nearest(rows)`` (distance to the nearest bank patch), ``memory_bank`` and ``_set_bank``.
 
-- :meth:`add_normal` — a confirmed false alarm is a normal image whose variation the bank did not cover. Its patches
-  that lie farthest from the bank, and above ``min_distance`` when given (the feedback step passes the pixel
-  threshold: the patches that raised the alarm), are added, at most ``max_per_image`` per image, so the same normal
-  variation stops alarming while the bank (and the kNN cost) grows by a bounded amount.
+- :meth:`extend_bank` — a confirmed false alarm is a normal image whose variation the bank did not cover. Its patches
+  that lie farthest from the bank (:meth:`farthest_patches`), above the pixel threshold (the patches that raised the
+  alarm), are added, at most a fixed number per image, so the same normal variation stops alarming while the bank
+  (and the kNN cost) grows by a bounded amount.
 - :meth:`set_defect_bank` — a confirmed defect's most anomalous patches (farthest from the normal bank: the defect,
   not the part around it) form a *defect bank*. An image's score is then boosted by where its most anomalous patch
   lies between the two banks: ``score · (1 + w · max(0, 2r − 1))`` with ``r = d_normal / (d_normal + d_defect)`` — up
@@ -19,6 +19,8 @@ per image or tile), ``_nearest(rows)`` (distance to the nearest bank patch), ``m
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -51,22 +53,24 @@ class FeedbackBankMixin:
         return rows[order], distance[order]
 
     @torch.no_grad()
-    def normal_patches(
-        self, batches: Any, max_per_image: int = 256, min_distance: float | None = None
+    def farthest_patches(
+        self, batches: Any, per_image: int = 256, min_distance: float | None = None
     ) -> list[torch.Tensor]:
-        """Each confirmed-normal image's patches that the bank covers worst (on the CPU), one tensor each.
+        """Each image's ``per_image`` patches farthest from the normal bank (on the CPU), one tensor per image.
 
-        ``min_distance`` (e.g. the pixel threshold) keeps only the patches that raised the alarm — those the detector
-        painted as anomalous. Without it, the ``max_per_image`` farthest patches are taken whatever their distance:
-        an image's most unusual *normal-looking* patches then join the bank too, and the bank starts to cover the
-        subtle defects that resemble them.
+        For a confirmed false alarm these are what the bank covers worst; ``min_distance`` (the feedback step passes
+        the pixel threshold) keeps only the patches that raised the alarm — without it an image's most unusual
+        *normal-looking* patches join the bank too, and the bank starts to cover the subtle defects that resemble
+        them. For a confirmed defect they are the defect, not the part around it. Chosen against the normal bank
+        alone, so a bank of any subset of the images is the concatenation of their tensors: cross-fitting builds its
+        fold banks without another pass over the images.
         """
         if self.memory_bank is None:  # type: ignore[attr-defined]
             raise RuntimeError("The detector has no memory bank: fit it before adding feedback.")
         rows = []
         for batch in batches():
             for image_rows in self.patch_rows(batch):
-                chosen, distance = self._farthest(image_rows, max_per_image)
+                chosen, distance = self._farthest(image_rows, per_image)
                 if min_distance is not None:
                     chosen = chosen[distance >= float(min_distance)]
                 rows.append(chosen.cpu().float())
@@ -83,35 +87,22 @@ class FeedbackBankMixin:
         logger.info("Memory bank extended by %d patches of confirmed-normal images.", rows.shape[0])
         return int(rows.shape[0])
 
-    def add_normal(self, batches: Any, max_per_image: int = 256, min_distance: float | None = None) -> int:
-        """Add the patches of confirmed-normal images that the bank covers worst (see :meth:`normal_patches`)."""
-        rows = self.normal_patches(batches, max_per_image, min_distance)
-        return self.extend_bank(torch.cat(rows) if rows else torch.empty(0, 0))
+    @contextmanager
+    def trial_extension(self, rows: torch.Tensor) -> Iterator[None]:
+        """The memory bank extended by ``rows`` inside the block, restored after it (cross-fitting a trial bank)."""
+        if self.memory_bank is None:  # type: ignore[attr-defined]
+            raise RuntimeError("The detector has no memory bank: fit it before adding feedback.")
+        bank = self.memory_bank.detach().cpu().clone()  # type: ignore[attr-defined]
+        self._set_bank(torch.cat([bank, rows.cpu()]))  # type: ignore[attr-defined]
+        try:
+            yield
+        finally:
+            self._set_bank(bank)  # type: ignore[attr-defined]
 
-    @torch.no_grad()
-    def defect_patches(self, batches: Any, per_image: int = 16) -> list[torch.Tensor]:
-        """Each confirmed defect's ``per_image`` patches farthest from the normal bank (on the CPU), one tensor each.
-
-        Chosen against the normal bank alone, so a bank of any subset of the defects is the concatenation of their
-        tensors: cross-fitting builds its fold banks without another pass over the images.
-        """
-        rows = []
-        for batch in batches():
-            for image_rows in self.patch_rows(batch):
-                chosen, _ = self._farthest(image_rows, per_image)
-                rows.append(chosen.cpu().float())
-        return rows
-
-    def set_defect_rows(self, rows: torch.Tensor | None, weight: float) -> None:
-        """Use ``rows`` (``(n, D)``, e.g. concatenated :meth:`defect_patches`) as the defect bank at ``weight``."""
+    def set_defect_bank(self, rows: torch.Tensor | None, weight: float) -> None:
+        """Use ``rows`` (``(n, D)``: concatenated :meth:`farthest_patches` of confirmed defects) at ``weight``."""
         self.defect_bank = rows.float() if rows is not None and rows.shape[0] else None
         self.defect_weight = float(weight) if self.defect_bank is not None else 0.0
-
-    def set_defect_bank(self, batches: Any, per_image: int = 16, weight: float = 0.0) -> int:
-        """Build the defect bank from confirmed-defect images; returns its size."""
-        rows = self.defect_patches(batches, per_image)
-        self.set_defect_rows(torch.cat(rows) if rows else None, weight)
-        return 0 if self.defect_bank is None else int(self.defect_bank.shape[0])
 
     def clear_defect_bank(self) -> None:
         self.defect_bank = None
