@@ -115,14 +115,21 @@ def test_feedback_judges_the_bank_extension_keeps_a_helpful_defect_bank_and_repo
     assert set(report.to_dict()) >= {"before", "after", "steps", "n_holdout", "n_calibration"}
 
 
+def _defect_bank_only(
+    images: dict[str, torch.Tensor], defect: str
+) -> tuple[PatchCore, list[dict[str, object]], FeedbackSettings]:
+    """A fitted PatchCore, every normal part and the ``defect`` parts labelled, the defect bank the only step."""
+    detector = _fitted()
+    names = [k for k in images if k.startswith(("normal", defect))]
+    rows = [{"image_id": n, "image_path": n, "label": int(n.startswith(defect)), "decision": "OK"} for n in names]
+    detector.thresholds = Thresholds(image=1e9, pixel=1.0, rule="test")
+    return detector, rows, FeedbackSettings(holdout_fraction=0.0, extend_bank=False, batch_size=8)
+
+
 def test_a_defect_bank_that_cannot_help_is_dropped(images: dict[str, torch.Tensor]) -> None:
     """Every confirmed defect already scores above every normal part: re-ranking cannot raise the AUROC, so the
     bank is dropped; the report says why."""
-    detector = _fitted()
-    names = [k for k in images if k.startswith(("normal", "strong"))]
-    rows = [{"image_id": n, "image_path": n, "label": int(n.startswith("strong")), "decision": "OK"} for n in names]
-    detector.thresholds = Thresholds(image=1e9, pixel=1.0, rule="test")
-    settings = FeedbackSettings(holdout_fraction=0.0, extend_bank=False, batch_size=8)
+    detector, rows, settings = _defect_bank_only(images, "strong")
     _, report = apply_feedback(detector, pd.DataFrame(rows), images.__getitem__, settings)
     defect = report.steps["defect_bank"]
     assert defect.get("base_auroc") == 1.0 and defect["kept"] is False, defect
@@ -135,11 +142,7 @@ def test_a_second_feedback_run_judges_the_new_bank_against_a_model_without_the_o
     """The feedback pipeline starts from the active version, which already carries the defect bank of these same
     defects. Its baseline must be the model without that bank (else its own defects score in sample, the baseline
     AUROC is 1.0 and the bank is dropped every other run); and a bank kept before stays kept on a tie (hysteresis)."""
-    detector = _fitted()
-    names = [k for k in images if k.startswith(("normal", "dark"))]
-    rows = [{"image_id": n, "image_path": n, "label": int(n.startswith("dark")), "decision": "OK"} for n in names]
-    detector.thresholds = Thresholds(image=1e9, pixel=1.0, rule="test")
-    settings = FeedbackSettings(holdout_fraction=0.0, extend_bank=False, batch_size=8)
+    detector, rows, settings = _defect_bank_only(images, "dark")
     first, report1 = apply_feedback(detector, pd.DataFrame(rows), images.__getitem__, settings)
     step1 = report1.steps["defect_bank"]
     assert step1["kept"] is True and step1["previously_kept"] is False, step1
