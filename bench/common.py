@@ -73,7 +73,7 @@ class BackboneCache:
         self.misses = 0
 
     def wrap(self, detector: Any) -> None:
-        """Route ``detector.backbone``'s forward through the cache (keyed by backbone name, layers and input bytes)."""
+        """Route ``detector.backbone``'s forward through the cache (keyed by backbone name, layers and each image's bytes)."""
         import hashlib
 
         import torch
@@ -84,15 +84,19 @@ class BackboneCache:
         cache = self
 
         def cached_forward(images: torch.Tensor) -> list[torch.Tensor]:
+            # per image, so that a study that regroups the same images into other batches (the feedback loop scores
+            # the labelled images in batches that change every round) still hits
             data = images.detach().to("cpu", torch.float32).contiguous()
-            digest = hashlib.sha1(data.numpy().tobytes()).hexdigest() + str(tuple(data.shape))
-            key = (tag, digest)
-            if key not in cache.store:
-                cache.misses += 1
-                cache.store[key] = [f.cpu() for f in forward(images)]
-            else:
-                cache.hits += 1
-            return [f.to(images.device) for f in cache.store[key]]
+            keys = [(tag, hashlib.sha1(d.numpy().tobytes()).hexdigest() + str(tuple(d.shape))) for d in data]
+            missing = [i for i, key in enumerate(keys) if key not in cache.store]
+            cache.hits += len(keys) - len(missing)
+            cache.misses += len(missing)
+            if missing:
+                outputs = forward(images[missing])
+                for j, i in enumerate(missing):
+                    cache.store[keys[i]] = [f[j : j + 1].cpu() for f in outputs]
+            per_image = [cache.store[key] for key in keys]
+            return [torch.cat([p[level] for p in per_image]).to(images.device) for level in range(len(per_image[0]))]
 
         backbone.forward = cached_forward
 

@@ -13,7 +13,8 @@ Pool and held-out are a seeded, label-stratified half/half split of test_public.
 ``bench/bsdata.py convert``), or ``--generate-demo`` (wallplugs demo scenes, more test images than the shipped demo).
 
     .venv/bin/python bench/feedback_loop.py --root /tmp/bsdata_root --category bsdata --size 256
-    .venv/bin/python bench/feedback_loop.py --generate-demo /tmp/demo_fb --category wallplugs --size 512
+    .venv/bin/python bench/feedback_loop.py --generate-demo /tmp/demo_fb --category wallplugs --size 1024 \
+        --cache-features
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from common import ROOT, git_revision  # noqa: E402  bench/common.py (the script directory is on sys.path)
+from common import ROOT, BackboneCache, git_revision  # noqa: E402  bench/common.py (the script directory is on sys.path)
 
 from madfh_pipeline import metrics as M  # noqa: E402
 from madfh_pipeline.calibration import thresholds_from_normal  # noqa: E402
@@ -128,6 +129,11 @@ def main() -> None:  # noqa: PLR0915
     parser.add_argument("--seeds", type=int, default=3, help="random-sampling repetitions")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two benches side by side)")
+    parser.add_argument(
+        "--cache-features",
+        action="store_true",
+        help="keep each image's backbone features in memory (changes no number; each round then costs only the kNN)",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args()
@@ -168,6 +174,9 @@ def main() -> None:  # noqa: PLR0915
 
     started = time.perf_counter()
     base = build_detector("patchcore", {})
+    cache = BackboneCache() if args.cache_features else None
+    if cache is not None:
+        cache.wrap(base)  # copies of base share the wrapped forward, so every round's copy hits the same cache
     base.fit(lambda: train.split(8))
     _calibrate(base, validation)
     fit_s = time.perf_counter() - started
@@ -225,6 +234,7 @@ def main() -> None:  # noqa: PLR0915
         "category": args.category,
         "size": args.size,
         "fit_seconds": fit_s,
+        "features_cached": cache is not None,
         "n_pool": int(pool.sum()),
         "n_held_out": int(held.sum()),
         "rounds": args.rounds,
