@@ -91,6 +91,33 @@ def test_review_queue_serves_review_first_then_closest_to_threshold(kb: Knowledg
     assert queue_images(page) == queue_images(queue)[1:4]
 
 
+def test_review_queue_explores_a_share_in_image_id_order(kb: KnowledgeBase, plant: dict[int, int]) -> None:
+    plain = kb.review_queue(CATEGORY, limit=100)
+    mixed = kb.review_queue(CATEGORY, limit=100, explore_share=0.3)
+    # the same unreviewed items, each once; positions 3, 6, 9, 13 come from the image-id order
+    assert sorted(queue_images(mixed)) == sorted(queue_images(plain))
+    explored = [position for position, item in enumerate(mixed) if item.exploration]
+    assert explored == [3, 6, 9, 13]
+    images = queue_images(mixed)
+    for position in explored:  # the lowest image id not served before its slot
+        left = [n for n in images if n not in images[:position]]
+        assert images[position] == min(left, key=image_id)
+    # the other slots keep the uncertainty order
+    assert queue_images([i for i in mixed if not i.exploration]) == [
+        n for n in queue_images(plain) if n not in queue_images([mixed[p] for p in explored])
+    ]
+    assert not any(item.exploration for item in plain)
+    # pages agree with the whole queue, and the share only applies to the unreviewed queue
+    for offset, limit in ((0, 4), (4, 5), (9, 5)):
+        page = kb.review_queue(CATEGORY, limit=limit, offset=offset, explore_share=0.3)
+        assert queue_images(page) == queue_images(mixed)[offset : offset + limit]
+        assert [i.exploration for i in page] == [i.exploration for i in mixed[offset : offset + limit]]
+    reviewed = kb.review_queue(CATEGORY, status="reviewed", explore_share=0.3)
+    assert queue_images(reviewed) == queue_images(kb.review_queue(CATEGORY, status="reviewed"))
+    with pytest.raises(ValidationError, match="explore_share"):
+        kb.review_queue(CATEGORY, explore_share=0.9)
+
+
 def test_review_queue_filters(kb: KnowledgeBase, plant: dict[int, int]) -> None:
     assert queue_images(kb.review_queue(CATEGORY, decisions=["OK"], limit=3)) == [7, 6, 5]
     assert queue_images(kb.review_queue(CATEGORY, status="disputed")) == [13]

@@ -186,11 +186,12 @@ class Case:
 
 @dataclass(frozen=True)
 class QueueItem:
-    """One entry of the review queue."""
+    """One entry of the review queue; ``exploration`` marks an item served for representative labels, not by margin."""
 
     inspection: InspectionInfo
     margin: float | None
     resolution: Resolution
+    exploration: bool = False
 
 
 @dataclass(frozen=True)

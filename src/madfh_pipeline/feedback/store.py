@@ -87,6 +87,7 @@ from madfh_pipeline.feedback.retrieval import (
     decode_vector,
     encode_vector,
 )
+from madfh_pipeline.feedback.sampling import check_share, mix
 from madfh_pipeline.feedback.schema import (
     ACTION_OUTCOMES,
     DECISIONS,
@@ -600,6 +601,7 @@ class KnowledgeBase:
         policy: str = "majority",
         limit: int = 50,
         offset: int = 0,
+        explore_share: float = 0.0,
     ) -> list[QueueItem]:
         """What operators should look at next, most uncertain first.
 
@@ -607,8 +609,14 @@ class KnowledgeBase:
         boundary first), then newest. ``status``: ``unreviewed`` (no verdict on the image yet, under any model
         version), ``reviewed``, ``disputed`` (tied verdicts: no label), ``conflict`` (operators disagree), ``all``.
         ``since``/``until`` bound the inspection time (half-open interval).
+
+        ``explore_share`` (unreviewed queue only): that share of the slots, spread evenly, is served in image-id
+        order instead (a content hash: unrelated to the score, stable across pages), so the labels the feedback
+        pipeline judges its bank changes on are not all from near the threshold (:mod:`.sampling` says why). Those
+        items carry ``exploration=True``.
         """
         check_policy(policy)
+        explore_share = check_share(explore_share)
         if status not in QUEUE_STATUSES:
             raise ValidationError(f"Unknown queue status {status!r}; expected one of {QUEUE_STATUSES}.")
         decisions = tuple(decisions) if decisions is not None else SCORED_DECISIONS
@@ -645,12 +653,35 @@ class KnowledgeBase:
                 Inspection.inspected_at.desc(),
                 Inspection.id.desc(),
             )
-            paged_in_sql = status not in ("disputed", "conflict")
-            if paged_in_sql:
-                stmt = stmt.limit(limit).offset(offset)
-            rows = session.execute(stmt).all()
+            explored: set[int] = set()
+            if explore_share > 0 and status == "unreviewed":
+                # place p of the mixed order needs at most p + 1 items of each order (sampling.mix)
+                ranked = session.execute(stmt.limit(offset + limit)).all()
+                exploratory = session.execute(
+                    stmt.order_by(None).order_by(Inspection.image_id, Inspection.id).limit(offset + limit)
+                ).all()
+                by_id = {row[0].id: row for row in [*ranked, *exploratory]}
+                order = mix(
+                    [row[0].id for row in ranked], [row[0].id for row in exploratory], explore_share, offset + limit
+                )[offset:]
+                explored = {item for item, from_exploration in order if from_exploration}
+                rows = [by_id[item] for item, _ in order]
+                paged_in_sql = True
+            else:
+                paged_in_sql = status not in ("disputed", "conflict")
+                if paged_in_sql:
+                    stmt = stmt.limit(limit).offset(offset)
+                rows = session.execute(stmt).all()
             cases = q.cases_from_rows(session, rows, policy)
-        items = [QueueItem(inspection=c.inspection, margin=c.inspection.margin, resolution=c.resolution) for c in cases]
+        items = [
+            QueueItem(
+                inspection=c.inspection,
+                margin=c.inspection.margin,
+                resolution=c.resolution,
+                exploration=c.inspection.id in explored,
+            )
+            for c in cases
+        ]
         if status == "disputed":
             items = [item for item in items if item.resolution.disputed]
         elif status == "conflict":
