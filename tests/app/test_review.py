@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import date, timedelta
 
@@ -11,6 +12,7 @@ from app_support import CATEGORY, MAIN, T0, ReviewData
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from madfh_pipeline.app.review_settings import DEFAULT_EXPLORE_SHARE, save_explore_share
 from madfh_pipeline.feedback import KnowledgeBase, image_content_id
 
 #: The queue the knowledge base serves for the test data: REVIEW first, then nearest the threshold (relative).
@@ -41,6 +43,7 @@ def _pick(at: AppTest, inspection_id: int) -> None:
 
 
 def test_queue_is_ordered_by_uncertainty_like_the_knowledge_base(make_app: Callable, app_env: ReviewData) -> None:
+    save_explore_share(app_env.data_root / "09_knowledge_base" / "review_settings.json", CATEGORY, 0.0, "anna")
     at = make_app()
     expected = [app_env.ids[name] for name in EXPECTED_ORDER]
     assert _picker_ids(at) == expected
@@ -53,6 +56,29 @@ def test_queue_is_ordered_by_uncertainty_like_the_knowledge_base(make_app: Calla
     assert any(m.value.startswith(f"### Item #{expected[0]} · :orange[REVIEW]") for m in at.markdown)
     metric = at.metric[0]
     assert metric.value == "10.9" and "threshold 10" in metric.proto.delta
+
+
+def test_queue_mixes_in_samples_at_the_stored_share(make_app: Callable, app_env: ReviewData) -> None:
+    at = make_app()  # no share stored: the default
+    with app_env.kb() as kb:
+        served = kb.review_queue(CATEGORY, explore_share=DEFAULT_EXPLORE_SHARE)
+    assert _picker_ids(at) == [item.inspection.id for item in served]
+    table = _table(at, "item", "why")
+    assert table["why"].tolist() == ["sample" if item.exploration else "uncertain" for item in served]
+    assert table["why"].tolist().count("sample") == 1  # position 3 of 6
+    assert "are *samples* taken regardless of the score" in "\n".join(c.value for c in at.caption)
+    assert any(
+        option.endswith("· sample · " + option.split(" · ")[-1]) for option in at.selectbox(key="item-picker").options
+    )
+
+    path = app_env.data_root / "09_knowledge_base" / "review_settings.json"
+    save_explore_share(path, CATEGORY, 0.5, "anna")
+    at.run()
+    assert _table(at, "item", "why")["why"].tolist().count("sample") == 3
+    path.write_text(json.dumps({"version": 1, "categories": {CATEGORY: {"explore_share": 2}}}))
+    at.run()
+    assert "between 0 and 0.5" in _messages(at)
+    assert _picker_ids(at) == [app_env.ids[name] for name in EXPECTED_ORDER]
 
 
 def test_filters_by_decision_model_version_date_and_status(make_app: Callable, app_env: ReviewData) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from app_support import CATEGORY, ReviewData
 from streamlit.testing.v1 import AppTest
 
-from madfh_pipeline.app.review_settings import load_review_settings
+from madfh_pipeline.app.review_settings import DEFAULT_EXPLORE_SHARE, load_explore_share, load_review_settings
 from madfh_pipeline.inspection import InspectionSettings
 
 
@@ -24,7 +24,7 @@ def _types(app_env: ReviewData, include_retired: bool = False) -> list[str]:
 def test_changes_need_an_operator(make_app: Callable, app_env: ReviewData) -> None:
     at = make_app(page="settings")
     assert "Enter your name in the sidebar to change settings" in _messages(at)
-    for key in ("add-type-button", "edit-type-button", "save-band"):
+    for key in ("add-type-button", "edit-type-button", "save-band", "save-share"):
         assert at.button(key=key).disabled, key
     assert all(b.disabled for b in at.button if b.key and b.key.startswith("toggle-type-"))
     assert not app_env.data_root.joinpath("09_knowledge_base", "review_settings.json").exists()
@@ -83,3 +83,25 @@ def test_uncertainty_band_is_saved_where_the_pipeline_reads_it(make_app: Callabl
 
     at.button(key="remove-band").click().run()
     assert load_review_settings(path) == {}
+
+
+def test_queue_sample_share_is_saved_beside_the_band_and_reset_to_the_default(
+    make_app: Callable, app_env: ReviewData
+) -> None:
+    path = app_env.data_root / "09_knowledge_base" / "review_settings.json"
+    at = make_app(operator="anna", page="settings")
+    assert at.number_input(key="explore-share").value == round(DEFAULT_EXPLORE_SHARE * 100)
+    at.number_input(key="band-std").set_value(1.5)
+    at.button(key="save-band").click().run()
+    at.number_input(key="explore-share").set_value(10)
+    at.button(key="save-share").click().run()
+    assert "samples 10% of its places" in _messages(at)
+    assert load_explore_share(path, CATEGORY) == 0.1
+    assert load_review_settings(path) == {CATEGORY: 1.5}  # the band is kept
+
+    at.button(key="remove-band").click().run()
+    assert load_review_settings(path) == {}
+    assert load_explore_share(path, CATEGORY) == 0.1  # removing the band keeps the share
+    at.button(key="reset-share").click().run()
+    assert load_explore_share(path, CATEGORY) == DEFAULT_EXPLORE_SHARE
+    assert json.loads(path.read_text())["categories"] == {}  # nothing left of the category

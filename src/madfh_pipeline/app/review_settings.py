@@ -1,4 +1,9 @@
-"""The uncertainty band per category: written by the app's Settings page, read by the inspection pipeline.
+"""The review settings per category, written by the app's Settings page: the uncertainty band and the queue's
+exploration share.
+
+The band is read by the inspection pipeline; the exploration share by the review queue
+(:mod:`madfh_pipeline.feedback.sampling` says why a share of the queue is served independently of the score; a
+category without one gets :data:`DEFAULT_EXPLORE_SHARE`).
 
 The band is the inspection core's ``review_band_std`` (:class:`madfh_pipeline.inspection.InspectionSettings`): the
 half-width of the REVIEW band around the image threshold, in standard deviations of the validation/good image scores
@@ -14,7 +19,12 @@ Shape (``version`` guards future changes)::
     {
         "version": 1,
         "categories": {
-            "wallplugs": {"review_band_std": 1.5, "updated_by": "anna", "updated_at": "2026-03-02T08:00:00+00:00"}
+            "wallplugs": {
+                "review_band_std": 1.5,
+                "explore_share": 0.3,
+                "updated_by": "anna",
+                "updated_at": "2026-03-02T08:00:00+00:00",
+            }
         },
     }
 """
@@ -32,11 +42,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from madfh_pipeline.feedback.errors import ValidationError
+from madfh_pipeline.feedback.sampling import check_share
+
 logger = logging.getLogger(__name__)
 
 SETTINGS_VERSION = 1
 #: A band wider than this many σ would send most normal parts to review: refused as a typo.
 MAX_BAND_STD = 10.0
+#: The review queue's exploration share where a category sets none (docs/performance.md, "Feedback loop").
+DEFAULT_EXPLORE_SHARE = 0.3
 
 
 class ReviewSettingsError(ValueError):
@@ -75,6 +90,17 @@ def load_review_settings(path: Path) -> dict[str, float]:
     return bands
 
 
+def load_explore_share(path: Path, category: str) -> float:
+    """The exploration share of ``category``'s review queue: its own, else :data:`DEFAULT_EXPLORE_SHARE`."""
+    entry = _read(path)["categories"].get(category)
+    if not isinstance(entry, dict) or "explore_share" not in entry:
+        return DEFAULT_EXPLORE_SHARE
+    try:
+        return check_share(entry["explore_share"], f"explore_share of {category} in {path}")
+    except ValidationError as exc:
+        raise ReviewSettingsError(str(exc)) from exc
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock on a side file, so two operators saving at once do not lose each other's change."""
@@ -89,19 +115,38 @@ def _locked(path: Path) -> Iterator[None]:
 
 def save_review_band(path: Path, category: str, band_std: float | None, operator: str) -> None:
     """Set (or with ``None`` remove) the band of ``category``; the file is replaced atomically."""
+    _save(path, category, "review_band_std", None if band_std is None else check_band(band_std), operator)
+    logger.info("REVIEW band of %s set to %s σ by %s (%s).", category, band_std, operator, path)
+
+
+def save_explore_share(path: Path, category: str, share: float | None, operator: str) -> None:
+    """Set (or with ``None`` reset to the default) the review queue's exploration share of ``category``."""
+    if share is not None:
+        try:
+            share = check_share(share)
+        except ValidationError as exc:
+            raise ReviewSettingsError(str(exc)) from exc
+    _save(path, category, "explore_share", share, operator)
+    logger.info("Exploration share of %s set to %s by %s (%s).", category, share, operator, path)
+
+
+def _save(path: Path, category: str, key: str, value: float | None, operator: str) -> None:
+    """Set or remove one setting of ``category`` under the lock; an entry left without settings is dropped."""
     if not operator.strip():
         raise ReviewSettingsError("Enter your name before changing settings.")
     with _locked(path):
         content = _read(path)
-        if band_std is None:
-            content["categories"].pop(category, None)
+        entry = content["categories"].get(category)
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        if value is None:
+            entry.pop(key, None)
         else:
-            content["categories"][category] = {
-                "review_band_std": check_band(band_std),
-                "updated_by": operator.strip(),
-                "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            }
+            entry[key] = value
+        if set(entry) - {"updated_by", "updated_at"}:
+            entry |= {"updated_by": operator.strip(), "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
+            content["categories"][category] = entry
+        else:
+            content["categories"].pop(category, None)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         os.replace(temporary, path)
-    logger.info("REVIEW band of %s set to %s σ by %s (%s).", category, band_std, operator, path)

@@ -19,6 +19,7 @@ import streamlit as st
 from madfh_pipeline.app import context
 from madfh_pipeline.app.files import PathNotAllowedError, UnsupportedMapError
 from madfh_pipeline.app.regions import RegionError, polygons_from_canvas
+from madfh_pipeline.app.review_settings import ReviewSettingsError, load_explore_share
 from madfh_pipeline.feedback import (
     ACTIONS,
     Case,
@@ -58,7 +59,8 @@ def _describe(item: QueueItem) -> str:
     inspection = item.inspection
     margin = f"{item.margin:.1%}" if item.margin is not None else "n/a"
     name = Path(inspection.image_path).name
-    return f"#{inspection.id} · {inspection.decision} · {margin} from threshold · {name}"
+    sample = " · sample" if item.exploration else ""
+    return f"#{inspection.id} · {inspection.decision} · {margin} from threshold{sample} · {name}"
 
 
 def _record(kb: KnowledgeBase, inspection_id: int, action: str, next_id: int | None) -> None:
@@ -128,6 +130,7 @@ def _queue_table(items: list[QueueItem]) -> pd.DataFrame:
         [
             {
                 "item": item.inspection.id,
+                "why": "sample" if item.exploration else "uncertain",
                 "decision": item.inspection.decision,
                 "score": item.inspection.score,
                 "threshold": item.inspection.threshold,
@@ -348,11 +351,22 @@ def render() -> None:
     if not filters["decisions"]:
         st.warning("Choose at least one decision to list.")
         return
-    items = kb.review_queue(category, limit=QUEUE_LIMIT, **filters)
+    try:
+        share = load_explore_share(cfg.review_settings_path, category)
+    except ReviewSettingsError as exc:
+        st.error(f"{exc} The queue is served without samples until the Settings page stores a valid share.")
+        share = 0.0
+    items = kb.review_queue(category, limit=QUEUE_LIMIT, explore_share=share, **filters)
     ids = [item.inspection.id for item in items]
+    order = "REVIEW first, then closest to the threshold"
+    if share > 0 and filters["status"] == "unreviewed":
+        order += (
+            f"; {share:.0%} of the places are *samples* taken regardless of the score, so the feedback pipeline "
+            "learns from representative labels, not only from borderline ones"
+        )
     st.caption(
         f"{len(items)} item(s) of {category}{' (first ' + str(QUEUE_LIMIT) + ')' if len(items) == QUEUE_LIMIT else ''}"
-        " — REVIEW first, then closest to the threshold."
+        f" — {order}."
     )
     if not items:
         st.success("The queue is empty for these filters.")

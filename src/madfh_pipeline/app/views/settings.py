@@ -1,8 +1,9 @@
-"""Settings page: the category's defect types (add, rename, retire, restore) and its uncertainty band.
+"""Settings page: the category's defect types (add, rename, retire, restore), uncertainty band and queue samples.
 
 Defect types live in the knowledge base (renames follow into past feedback; retired types stay on old verdicts).
-The uncertainty band lives in a JSON file next to the embedded knowledge base, where the inspection pipeline reads
-it (:mod:`madfh_pipeline.app.review_settings` says why a file and what shape). Every change needs an operator name.
+The uncertainty band and the review queue's exploration share live in a JSON file next to the embedded knowledge
+base, where the inspection pipeline and the queue read them (:mod:`madfh_pipeline.app.review_settings` says why a
+file and what shape). Every change needs an operator name.
 Writes go through callbacks, for the same reason as the verdict buttons (see ``review.py``).
 """
 
@@ -17,12 +18,16 @@ import streamlit as st
 from madfh_pipeline.app import context
 from madfh_pipeline.app.config import AppConfig
 from madfh_pipeline.app.review_settings import (
+    DEFAULT_EXPLORE_SHARE,
     MAX_BAND_STD,
     ReviewSettingsError,
+    load_explore_share,
     load_review_settings,
+    save_explore_share,
     save_review_band,
 )
 from madfh_pipeline.feedback import KnowledgeBase, KnowledgeBaseError
+from madfh_pipeline.feedback.sampling import MAX_EXPLORE_SHARE
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +89,18 @@ def _save_band(cfg: AppConfig, category: str, remove: bool) -> None:
         band = float(st.session_state["band-std"])
         save_review_band(cfg.review_settings_path, category, band, operator)
         return f"REVIEW band of {category}: within {band:g} σ of the threshold."
+
+    _guarded(save)
+
+
+def _save_share(cfg: AppConfig, category: str, reset: bool) -> None:
+    def save(operator: str) -> str:
+        if reset:
+            save_explore_share(cfg.review_settings_path, category, None, operator)
+            return f"The review queue of {category} samples the default {DEFAULT_EXPLORE_SHARE:.0%} again."
+        share = float(st.session_state["explore-share"]) / 100
+        save_explore_share(cfg.review_settings_path, category, share, operator)
+        return f"The review queue of {category} samples {share:.0%} of its places regardless of the score."
 
     _guarded(save)
 
@@ -170,6 +187,36 @@ def _band(cfg: AppConfig, category: str) -> None:
     )
 
 
+def _samples(cfg: AppConfig, category: str) -> None:
+    st.subheader("Queue samples")
+    st.markdown(
+        "The review queue serves the items nearest the threshold first, but this share of its places goes to items "
+        "**sampled regardless of their score** (marked *sample*). The feedback pipeline checks every change to the "
+        "model on the labels operators gave; labels from borderline items only made it reject changes that help "
+        "the whole line (docs/performance.md, 'Feedback loop'). 0 % serves the most uncertain items only."
+    )
+    try:
+        share = load_explore_share(cfg.review_settings_path, category)
+    except ReviewSettingsError as exc:
+        st.error(str(exc))
+        return
+    st.caption(f"Stored in `{cfg.review_settings_path}`. Now: {share:.0%} (default {DEFAULT_EXPLORE_SHARE:.0%}).")
+    st.number_input(
+        "Share of samples in the queue (%)",
+        0,
+        int(MAX_EXPLORE_SHARE * 100),
+        value=int(round(share * 100)),
+        step=5,
+        key="explore-share",
+    )
+    save, reset = st.columns(2)
+    disabled = not context.operator()
+    save.button("Save share", key="save-share", on_click=_save_share, args=(cfg, category, False), disabled=disabled)
+    reset.button(
+        "Use the default", key="reset-share", on_click=_save_share, args=(cfg, category, True), disabled=disabled
+    )
+
+
 def _about(cfg: AppConfig, kb: KnowledgeBase) -> None:
     with st.expander("This app's configuration"):
         st.markdown(
@@ -196,6 +243,7 @@ def render() -> None:
             st.warning("Enter your name in the sidebar to change settings.")
         _defect_types(kb, category)
         _band(cfg, category)
+        _samples(cfg, category)
     _about(cfg, kb)
 
 
