@@ -1,15 +1,17 @@
-"""Does operator feedback measurably improve the detector? A simulated review loop, uncertainty vs random sampling.
+"""Does operator feedback measurably improve the detector? A simulated review loop, three ways to pick the images.
 
-An operator who answers with the ground truth reviews ``k`` images per round from a *review pool*, chosen either by
-uncertainty (what the review app's queue serves first: REVIEW, then nearest the threshold) or at random; after each
-round the feedback step runs (:func:`madfh_pipeline.feedback.learning.apply_feedback`: confirmed false alarms extend
-the memory bank, confirmed defects form a defect bank kept only if it helps, the threshold is recalibrated) on all
-labels so far, starting from the previous round's model, as the feedback pipeline starts from the active version.
+An operator who answers with the ground truth reviews ``k`` images per round from a *review pool*, chosen by
+uncertainty (nearest the threshold), at random, or the way the review app's queue serves them (``mixed``: nearest
+the threshold, with ``--explore-share`` of the places in random order; :mod:`madfh_pipeline.feedback.sampling`);
+after each round the feedback step runs (:func:`madfh_pipeline.feedback.learning.apply_feedback`: confirmed false
+alarms extend the memory bank, confirmed defects form a defect bank kept only if it helps, the threshold is
+recalibrated) on all labels so far, starting from the previous round's model, as the feedback pipeline starts from
+the active version.
 A *held-out* set, never reviewed, reports after every round: false-alarm rate at 95 % recall, image AUROC and
 AU-PRO@0.05 (canvas), plus the false-alarm and miss rates at the threshold in force.
 
-Pool and held-out are a seeded, label-stratified half/half split of test_public. Random sampling is repeated over
-``--seeds`` draws and averaged. Inputs: a category folder in the MVTec AD 2 layout (BSData converted by
+Pool and held-out are a seeded, label-stratified half/half split of test_public. Random and mixed sampling are
+repeated over ``--seeds`` draws and averaged. Inputs: a category folder in the MVTec AD 2 layout (BSData converted by
 ``bench/bsdata.py convert``), or ``--generate-demo`` (wallplugs demo scenes, more test images than the shipped demo).
 
     .venv/bin/python bench/feedback_loop.py --root /tmp/bsdata_root --category bsdata --size 256
@@ -45,6 +47,7 @@ from madfh_pipeline.feedback.learning import (  # noqa: E402
     far_at_recall,
     image_auroc,
 )
+from madfh_pipeline.feedback.sampling import mixed_order  # noqa: E402
 from madfh_pipeline.imaging import Geometry, read_image  # noqa: E402
 from madfh_pipeline.models.base import build_detector  # noqa: E402
 
@@ -127,6 +130,13 @@ def main() -> None:  # noqa: PLR0915
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3, help="random-sampling repetitions")
+    parser.add_argument(
+        "--strategies",
+        default="uncertainty,random,mixed",
+        help="comma-separated: uncertainty (nearest the threshold), random, mixed (the review queue's order: "
+        "uncertainty with --explore-share of the slots in random order)",
+    )
+    parser.add_argument("--explore-share", type=float, default=0.3, help="exploration share of the mixed strategy")
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two benches side by side)")
     parser.add_argument(
@@ -134,11 +144,18 @@ def main() -> None:  # noqa: PLR0915
         action="store_true",
         help="keep each image's backbone features in memory (changes no number; each round then costs only the kNN)",
     )
+    parser.add_argument("--replot", type=Path, help="only redraw --figure from this results JSON of an earlier run")
     parser.add_argument("--output", type=Path)
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.replot:
+        results = json.loads(args.replot.read_text())
+        figure = args.figure or ROOT / "docs" / "images" / f"feedback_loop_{results['category']}.png"
+        plot(results, figure)
+        logger.info("Figure %s redrawn from %s", figure, args.replot)
+        return
     if args.generate_demo:
         width, height = (int(v) for v in args.demo_size.split("x"))
         root = generate_demo(args.generate_demo, args.category, args.demo_scale, width, height, seed=2026)
@@ -195,10 +212,14 @@ def main() -> None:  # noqa: PLR0915
         curve = [round0]
         for round_index in range(1, args.rounds + 1):
             left = [j for j in range(len(pool_idx)) if j not in reviewed]
+            std = max(base.thresholds.stats.get("image_std", 1.0), 1e-9)
+            distance = np.abs(scores[left] - detector.thresholds.image) / std
+            ranked = [left[j] for j in np.argsort(distance, kind="stable")]
             if strategy == "uncertainty":
-                std = max(base.thresholds.stats.get("image_std", 1.0), 1e-9)
-                distance = np.abs(scores[left] - detector.thresholds.image) / std
-                chosen = [left[j] for j in np.argsort(distance, kind="stable")[: args.per_round]]
+                chosen = ranked[: args.per_round]
+            elif strategy == "mixed":
+                # the review queue's order with an exploration share (madfh_pipeline.feedback.sampling)
+                chosen = mixed_order(ranked, list(draw.permutation(left)), args.explore_share, args.per_round)
             else:
                 chosen = list(draw.choice(left, size=min(args.per_round, len(left)), replace=False))
             reviewed += chosen
@@ -229,6 +250,10 @@ def main() -> None:  # noqa: PLR0915
             curve.append(numbers)
         return curve
 
+    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    unknown = set(strategies) - {"uncertainty", "random", "mixed"}
+    if unknown:
+        raise SystemExit(f"Unknown strategies {sorted(unknown)}; expected uncertainty, random, mixed.")
     results: dict[str, Any] = {
         "revision": git_revision(),
         "category": args.category,
@@ -239,36 +264,61 @@ def main() -> None:  # noqa: PLR0915
         "n_held_out": int(held.sum()),
         "rounds": args.rounds,
         "per_round": args.per_round,
-        "uncertainty": run("uncertainty", 0),
-        "random": [run("random", s) for s in range(args.seeds)],
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "explore_share": args.explore_share,
     }
     keys = ("far_at_recall_95", "image_auroc", "au_pro_005", "false_alarm_rate_at_threshold", "miss_rate_at_threshold")
-    results["random_mean"] = [
-        {k: float(np.nanmean([c[r][k] for c in results["random"]])) for k in keys} for r in range(args.rounds + 1)
-    ]
+    for strategy in strategies:
+        if strategy == "uncertainty":  # deterministic: one run
+            results["uncertainty"] = run("uncertainty", 0)
+            continue
+        curves = [run(strategy, s) for s in range(args.seeds)]
+        results[strategy] = curves
+        results[f"{strategy}_mean"] = [
+            {k: float(np.nanmean([c[r][k] for c in curves])) for k in keys} for r in range(args.rounds + 1)
+        ]
+    results["date"] = time.strftime("%Y-%m-%d %H:%M")
     output = args.output or ROOT / "bench" / "results" / f"feedback_loop_{args.category}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     figure = args.figure or ROOT / "docs" / "images" / f"feedback_loop_{args.category}.png"
+    plot(results, figure)
+    logger.info("Results in %s, figure %s", output, figure)
+
+
+def plot(results: dict[str, Any], figure: Path) -> None:
+    """The three held-out curves of a run's results (also for ``--replot``: a figure without rerunning the loop)."""
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    x = np.arange(args.rounds + 1) * args.per_round
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    x = np.arange(results["rounds"] + 1) * results["per_round"]
+    share = results.get("explore_share", 0.0)
+    styles = {
+        "uncertainty": ("o-", "uncertainty sampling (nearest the threshold)"),
+        "random": ("s--", "random sampling"),
+        "mixed": ("^-", f"review queue: uncertainty + {share:.0%} random"),
+    }
     for ax, key, title in zip(
         axes,
         ("far_at_recall_95", "image_auroc", "au_pro_005"),
         ("false-alarm rate at 95 % recall (lower is better)", "image AUROC", "AU-PRO@0.05 (canvas)"),
         strict=True,
     ):
-        ax.plot(x, [r[key] for r in results["uncertainty"]], "o-", label="uncertainty sampling")
-        ax.plot(x, [r[key] for r in results["random_mean"]], "s--", label=f"random sampling (mean of {args.seeds})")
+        for strategy, (style, label) in styles.items():
+            if strategy not in results:
+                continue
+            repeated = strategy != "uncertainty"
+            curve = results[f"{strategy}_mean"] if repeated else results[strategy]
+            label += f" (mean of {len(results[strategy])})" if repeated else ""
+            ax.plot(x, [r[key] for r in curve], style, label=label)
         ax.set(xlabel="operator reviews", title=title)
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"Feedback loop on {args.category} ({args.size}², held-out {int(held.sum())} images)")
-    fig.tight_layout()
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
+    fig.suptitle(
+        f"Feedback loop on {results['category']} ({results['size']}², held-out {results['n_held_out']} images)"
+    )
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(figure, dpi=110)
-    logger.info("Results in %s, figure %s", output, figure)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
