@@ -130,6 +130,7 @@ def main() -> None:  # noqa: PLR0915
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3, help="random-sampling repetitions")
+    parser.add_argument("--first-seed", type=int, default=0, help="seed of the first draw (more draws: 3, 6, ...)")
     parser.add_argument(
         "--strategies",
         default="uncertainty,random,mixed",
@@ -265,13 +266,14 @@ def main() -> None:  # noqa: PLR0915
         "rounds": args.rounds,
         "per_round": args.per_round,
         "explore_share": args.explore_share,
+        "first_seed": args.first_seed,
     }
     keys = ("far_at_recall_95", "image_auroc", "au_pro_005", "false_alarm_rate_at_threshold", "miss_rate_at_threshold")
     for strategy in strategies:
         if strategy == "uncertainty":  # deterministic: one run
             results["uncertainty"] = run("uncertainty", 0)
             continue
-        curves = [run(strategy, s) for s in range(args.seeds)]
+        curves = [run(strategy, s) for s in range(args.first_seed, args.first_seed + args.seeds)]
         results[strategy] = curves
         results[f"{strategy}_mean"] = [
             {k: float(np.nanmean([c[r][k] for c in curves])) for k in keys} for r in range(args.rounds + 1)
