@@ -19,7 +19,7 @@ import math
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TypeVar
 
-from madfh_pipeline.feedback.errors import ValidationError
+from madfh_pipeline.feedback.validation import in_range
 
 T = TypeVar("T", bound=Hashable)
 
@@ -29,11 +29,7 @@ MAX_EXPLORE_SHARE = 0.5
 
 def check_share(value: object, where: str = "explore_share") -> float:
     """A valid exploration share: a finite number in [0, MAX_EXPLORE_SHARE]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValidationError(f"{where} must be a number, got {value!r}.")
-    if not 0 <= value <= MAX_EXPLORE_SHARE:
-        raise ValidationError(f"{where} must be between 0 and {MAX_EXPLORE_SHARE:g}, got {value}.")
-    return float(value)
+    return in_range(value, where, 0.0, MAX_EXPLORE_SHARE)
 
 
 def is_exploration_slot(position: int, share: float) -> bool:

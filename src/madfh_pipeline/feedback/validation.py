@@ -109,6 +109,19 @@ def finite(value: Any, what: str) -> float:
     return float(value)
 
 
+def in_range(
+    value: Any, what: str, low: float, high: float, *, unit: str = "", error: type[ValueError] = ValidationError
+) -> float:
+    """A finite number in ``[low, high]``; ``error`` lets a caller outside the knowledge base raise its own class."""
+    try:
+        number = finite(value, what)
+    except ValidationError as exc:
+        raise error(str(exc)) from None
+    if not low <= number <= high:
+        raise error(f"{what} must be between {low:g} and {high:g}{unit}, got {value}.")
+    return number
+
+
 def polygons(value: Sequence[Any] | None) -> list[list[list[float]]] | None:
     """One polygon ``[[x, y], ...]`` or several, as a list of polygons of ``[x, y]`` floats (≥ 3 points, x, y ≥ 0)."""
     if value is None:
