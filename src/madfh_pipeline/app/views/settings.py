@@ -151,6 +151,20 @@ def _defect_types(kb: KnowledgeBase, category: str) -> None:
             )
 
 
+def _save_and_undo(
+    callback: Callable[..., None],
+    args: tuple,
+    save: tuple[str, str],
+    undo: tuple[str, str],
+    nothing_to_undo: bool = False,
+) -> None:
+    """A setting's two buttons, (key, label) each: ``callback(*args, False)`` saves, ``callback(*args, True)`` undoes."""
+    left, right = st.columns(2)
+    disabled = not context.operator()
+    left.button(save[1], key=save[0], on_click=callback, args=(*args, False), disabled=disabled)
+    right.button(undo[1], key=undo[0], on_click=callback, args=(*args, True), disabled=disabled or nothing_to_undo)
+
+
 def _band(cfg: AppConfig, category: str) -> None:
     st.subheader("Uncertainty band")
     st.markdown(
@@ -175,15 +189,8 @@ def _band(cfg: AppConfig, category: str) -> None:
         step=0.25,
         key="band-std",
     )
-    save, remove = st.columns(2)
-    disabled = not context.operator()
-    save.button("Save band", key="save-band", on_click=_save_band, args=(cfg, category, False), disabled=disabled)
-    remove.button(
-        "Remove band",
-        key="remove-band",
-        on_click=_save_band,
-        args=(cfg, category, True),
-        disabled=disabled or band is None,
+    _save_and_undo(
+        _save_band, (cfg, category), ("save-band", "Save band"), ("remove-band", "Remove band"), band is None
     )
 
 
@@ -209,12 +216,7 @@ def _samples(cfg: AppConfig, category: str) -> None:
         step=5,
         key="explore-share",
     )
-    save, reset = st.columns(2)
-    disabled = not context.operator()
-    save.button("Save share", key="save-share", on_click=_save_share, args=(cfg, category, False), disabled=disabled)
-    reset.button(
-        "Use the default", key="reset-share", on_click=_save_share, args=(cfg, category, True), disabled=disabled
-    )
+    _save_and_undo(_save_share, (cfg, category), ("save-share", "Save share"), ("reset-share", "Use the default"))
 
 
 def _about(cfg: AppConfig, kb: KnowledgeBase) -> None:
