@@ -151,6 +151,10 @@ def main() -> None:  # noqa: PLR0915
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
+    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    unknown = set(strategies) - {"uncertainty", "random", "mixed"}
+    if unknown:
+        raise SystemExit(f"Unknown strategies {sorted(unknown)}; expected uncertainty, random, mixed.")
     if args.replot:
         results = json.loads(args.replot.read_text())
         figure = args.figure or ROOT / "docs" / "images" / f"feedback_loop_{results['category']}.png"
@@ -251,10 +255,6 @@ def main() -> None:  # noqa: PLR0915
             curve.append(numbers)
         return curve
 
-    strategies = [name.strip() for name in args.strategies.split(",") if name.strip()]
-    unknown = set(strategies) - {"uncertainty", "random", "mixed"}
-    if unknown:
-        raise SystemExit(f"Unknown strategies {sorted(unknown)}; expected uncertainty, random, mixed.")
     results: dict[str, Any] = {
         "revision": git_revision(),
         "category": args.category,
