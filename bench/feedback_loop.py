@@ -17,14 +17,17 @@ repeated over ``--seeds`` draws and averaged. Inputs: a category folder in the M
     .venv/bin/python bench/feedback_loop.py --root /tmp/bsdata_root --category bsdata --size 256
     .venv/bin/python bench/feedback_loop.py --generate-demo /tmp/demo_fb --category wallplugs --size 1024 \
         --cache-features
+    .venv/bin/python bench/feedback_loop.py --summarize run_a.json run_b.json   # pool draws, test against random
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +149,13 @@ def main() -> None:  # noqa: PLR0915
         help="keep each image's backbone features in memory (changes no number; each round then costs only the kNN)",
     )
     parser.add_argument("--replot", type=Path, help="only redraw --figure from this results JSON of an earlier run")
+    parser.add_argument(
+        "--summarize",
+        type=Path,
+        nargs="+",
+        help="only pool the draws of these results JSONs (same data set and split; e.g. runs with other --first-seed) "
+        "and compare each strategy's final false-alarm rate with random sampling's (exact permutation test)",
+    )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--figure", type=Path)
     args = parser.parse_args()
@@ -155,6 +165,12 @@ def main() -> None:  # noqa: PLR0915
     unknown = set(strategies) - {"uncertainty", "random", "mixed"}
     if unknown:
         raise SystemExit(f"Unknown strategies {sorted(unknown)}; expected uncertainty, random, mixed.")
+    if args.summarize:
+        pooled = summarize([json.loads(path.read_text()) for path in args.summarize])
+        logger.info("Pooled draws after %d reviews:\n%s", pooled["reviews"], json.dumps(pooled["strategies"], indent=2))
+        if args.output:
+            args.output.write_text(json.dumps(pooled, indent=2))
+        return
     if args.replot:
         results = json.loads(args.replot.read_text())
         figure = args.figure or ROOT / "docs" / "images" / f"feedback_loop_{results['category']}.png"
@@ -267,6 +283,7 @@ def main() -> None:  # noqa: PLR0915
         "per_round": args.per_round,
         "explore_share": args.explore_share,
         "first_seed": args.first_seed,
+        "split_seed": args.split_seed,
     }
     keys = ("far_at_recall_95", "image_auroc", "au_pro_005", "false_alarm_rate_at_threshold", "miss_rate_at_threshold")
     for strategy in strategies:
@@ -285,6 +302,68 @@ def main() -> None:  # noqa: PLR0915
     figure = args.figure or ROOT / "docs" / "images" / f"feedback_loop_{args.category}.png"
     plot(results, figure)
     logger.info("Results in %s, figure %s", output, figure)
+
+
+def permutation_p(a: np.ndarray, b: np.ndarray, draws: int = 200_000, seed: int = 0) -> float:
+    """One-sided p of mean(a) − mean(b) being this low if the labels a/b were exchangeable.
+
+    Exact over every split when there are at most ``draws`` of them, else a seeded Monte-Carlo estimate. Why not a t
+    test: a handful of draws per strategy, and FAR on a few dozen held-out images moves in steps, far from normal.
+    """
+    values = np.concatenate([a, b])
+    observed = a.mean() - b.mean()
+    n = len(a)
+    if math.comb(len(values), n) <= draws:
+        splits = (list(c) for c in itertools.combinations(range(len(values)), n))
+    else:
+        rng = np.random.default_rng(seed)
+        splits = (list(rng.permutation(len(values))[:n]) for _ in range(draws))
+    hits = total = 0
+    for split in splits:
+        mask = np.zeros(len(values), bool)
+        mask[split] = True
+        hits += values[mask].mean() - values[~mask].mean() <= observed + 1e-12
+        total += 1
+    return hits / total
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every draw of every run, by strategy and draw seed (a seed in two runs counts once), compared with random.
+
+    The runs must share data set, canvas, pool/held-out split and schedule, else their draws are not comparable.
+    """
+    keys = ("category", "size", "split_seed", "n_pool", "n_held_out", "rounds", "per_round")
+    differing = [k for k in keys if len({r.get(k) for r in runs}) > 1]
+    if differing:
+        raise SystemExit(f"These runs differ in {differing}; only runs of one data set, split and schedule pool.")
+    finals: dict[str, dict[int, float]] = {}
+    for run in runs:
+        for strategy in ("uncertainty", "random", "mixed"):
+            if strategy not in run:
+                continue
+            curves = [run[strategy]] if strategy == "uncertainty" else run[strategy]
+            first = 0 if strategy == "uncertainty" else int(run.get("first_seed", 0))
+            for offset, curve in enumerate(curves):
+                finals.setdefault(strategy, {})[first + offset] = float(curve[-1]["far_at_recall_95"])
+    out: dict[str, Any] = {"reviews": runs[0]["rounds"] * runs[0]["per_round"], "strategies": {}}
+    baseline = np.array(list(finals.get("random", {}).values()))
+    for strategy, by_seed in finals.items():
+        values = np.array([by_seed[s] for s in sorted(by_seed)])
+        row: dict[str, Any] = {
+            "draws": sorted(by_seed),
+            "far_at_recall_95": values.round(4).tolist(),
+            "mean": float(values.mean()),
+            "sd": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+        }
+        if strategy != "random" and len(baseline) > 1:
+            row["minus_random"] = float(values.mean() - baseline.mean())
+            if len(values) > 1:
+                row["minus_random_se"] = float(
+                    math.sqrt(values.var(ddof=1) / len(values) + baseline.var(ddof=1) / len(baseline))
+                )
+                row["p_lower_than_random"] = permutation_p(values, baseline)
+        out["strategies"][strategy] = row
+    return out
 
 
 def plot(results: dict[str, Any], figure: Path) -> None:
