@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import cv2
@@ -23,7 +24,13 @@ from madfh_pipeline.app.files import (
     scale_map,
 )
 from madfh_pipeline.app.regions import RegionError, polygons_from_canvas
-from madfh_pipeline.app.review_settings import ReviewSettingsError, check_band, load_review_settings
+from madfh_pipeline.app.review_settings import (
+    ReviewSettingsError,
+    check_band,
+    load_explore_share,
+    load_review_settings,
+    save_explore_share,
+)
 from madfh_pipeline.app.uploads import UploadLimits, UploadRejectedError, check_upload, safe_name
 
 
@@ -185,3 +192,8 @@ def test_review_settings_file_errors(tmp_path: Path) -> None:
     for bad in (float("nan"), 11.0, True):
         with pytest.raises(ReviewSettingsError):
             check_band(bad)
+    path.write_text('{"version": 1, "categories": {"w": {"explore_share": 0.8}}}')
+    with pytest.raises(ReviewSettingsError, match=re.escape(f"explore_share of w in {path} must be between 0 and 0.5")):
+        load_explore_share(path, "w")
+    with pytest.raises(ReviewSettingsError, match="explore_share must be finite"):
+        save_explore_share(path, "w", float("nan"), "anna")

@@ -41,7 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from madfh_pipeline.feedback.sampling import MAX_EXPLORE_SHARE
+from madfh_pipeline.feedback.sampling import check_share
 from madfh_pipeline.feedback.validation import in_range
 
 logger = logging.getLogger(__name__)
@@ -60,11 +60,6 @@ class ReviewSettingsError(ValueError):
 def check_band(value: Any, where: str = "review_band_std") -> float:
     """A valid band half-width in σ (a finite number in [0, MAX_BAND_STD])."""
     return in_range(value, where, 0.0, MAX_BAND_STD, unit=" standard deviations", error=ReviewSettingsError)
-
-
-def check_explore_share(value: Any, where: str = "explore_share") -> float:
-    """A valid exploration share of the review queue (a finite number in [0, MAX_EXPLORE_SHARE])."""
-    return in_range(value, where, 0.0, MAX_EXPLORE_SHARE, error=ReviewSettingsError)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -95,7 +90,7 @@ def load_explore_share(path: Path, category: str) -> float:
     entry = _read(path)["categories"].get(category)
     if not isinstance(entry, dict) or "explore_share" not in entry:
         return DEFAULT_EXPLORE_SHARE
-    return check_explore_share(entry["explore_share"], f"explore_share of {category} in {path}")
+    return check_share(entry["explore_share"], f"explore_share of {category} in {path}", ReviewSettingsError)
 
 
 @contextmanager
@@ -118,7 +113,13 @@ def save_review_band(path: Path, category: str, band_std: float | None, operator
 
 def save_explore_share(path: Path, category: str, share: float | None, operator: str) -> None:
     """Set (or with ``None`` reset to the default) the review queue's exploration share of ``category``."""
-    _save(path, category, "explore_share", None if share is None else check_explore_share(share), operator)
+    _save(
+        path,
+        category,
+        "explore_share",
+        None if share is None else check_share(share, error=ReviewSettingsError),
+        operator,
+    )
     logger.info("Exploration share of %s set to %s by %s (%s).", category, share, operator, path)
 
 

@@ -19,6 +19,7 @@ import math
 from collections.abc import Hashable, Iterable, Sequence
 from typing import TypeVar
 
+from madfh_pipeline.feedback.errors import ValidationError
 from madfh_pipeline.feedback.validation import in_range
 
 T = TypeVar("T", bound=Hashable)
@@ -27,9 +28,9 @@ T = TypeVar("T", bound=Hashable)
 MAX_EXPLORE_SHARE = 0.5
 
 
-def check_share(value: object, where: str = "explore_share") -> float:
-    """A valid exploration share: a finite number in [0, MAX_EXPLORE_SHARE]."""
-    return in_range(value, where, 0.0, MAX_EXPLORE_SHARE)
+def check_share(value: object, where: str = "explore_share", error: type[ValueError] = ValidationError) -> float:
+    """A valid exploration share: a finite number in [0, MAX_EXPLORE_SHARE] (``error``: the class to raise)."""
+    return in_range(value, where, 0.0, MAX_EXPLORE_SHARE, error=error)
 
 
 def is_exploration_slot(position: int, share: float) -> bool:
