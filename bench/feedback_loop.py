@@ -39,6 +39,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from common import ROOT, BackboneCache, git_revision  # noqa: E402  bench/common.py (the script directory is on sys.path)
 
 from madfh_pipeline import metrics as M  # noqa: E402
@@ -142,6 +143,13 @@ def main() -> None:  # noqa: PLR0915
     )
     parser.add_argument("--explore-share", type=float, default=0.3, help="exploration share of the mixed strategy")
     parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument(
+        "--review-band-std",
+        type=float,
+        default=1.0,
+        help="half-width of the REVIEW band around the threshold in validation σ, as inspection decides "
+        "(InspectionSettings.review_band_std; 0: NG/OK at the threshold, the bench before 2026-12-01)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 to run two benches side by side)")
     parser.add_argument(
         "--cache-features",
@@ -155,6 +163,13 @@ def main() -> None:  # noqa: PLR0915
         nargs="+",
         help="only pool the draws of these results JSONs (same data set and split; e.g. runs with other --first-seed) "
         "and compare each strategy's final false-alarm rate with random sampling's (exact permutation test)",
+    )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a feedback setting for every round (YAML value; e.g. extension_guard=both), repeatable",
     )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--figure", type=Path)
@@ -173,7 +188,7 @@ def main() -> None:  # noqa: PLR0915
         return
     if args.replot:
         results = json.loads(args.replot.read_text())
-        figure = args.figure or ROOT / "docs" / "images" / f"feedback_loop_{results['category']}.png"
+        figure = args.figure or args.replot.with_suffix(".png")
         plot(results, figure)
         logger.info("Figure %s redrawn from %s", figure, args.replot)
         return
@@ -223,7 +238,11 @@ def main() -> None:  # noqa: PLR0915
     logger.info("round 0: %s", round0)
     pool_idx = np.flatnonzero(pool)
     lookup = {names[i]: test[i] for i in range(len(names))}
-    settings = FeedbackSettings(holdout_fraction=0.0)
+    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.setting)}
+    settings = FeedbackSettings.from_mapping({"holdout_fraction": 0.0} | overrides)
+
+    # the inspection core's REVIEW band (InspectionSettings.review_band_std), in the baseline's validation σ
+    band = args.review_band_std * max(base.thresholds.stats.get("image_std", 1.0), 1e-9)
 
     def run(strategy: str, seed: int) -> list[dict[str, float]]:
         detector = copy.deepcopy(base)
@@ -247,7 +266,7 @@ def main() -> None:  # noqa: PLR0915
             rows = []
             for j in reviewed:
                 i = pool_idx[j]
-                decision = "NG" if scores[j] >= detector.thresholds.image else "OK"
+                decision = _decision(float(scores[j]), detector.thresholds.image, band)
                 rows.append(
                     {"image_id": names[i], "image_path": names[i], "label": int(labels[i]), "decision": decision}
                 )
@@ -258,6 +277,7 @@ def main() -> None:  # noqa: PLR0915
             numbers = _held_out_numbers(detector, test[held], labels[held], held_masks) | {
                 "n_labels": float(len(reviewed)),
                 "patches_added": float(report.steps["extend_bank"].get("patches_added", 0)),
+                "patches_left_out": float(report.steps["extend_bank"].get("patches_left_out", 0)),
                 "defect_bank_kept": float(bool(report.steps["defect_bank"].get("kept"))),
                 "defect_bank_weight": float(report.steps["defect_bank"].get("weight", 0.0)),
                 "defect_bank_calibration_auroc": float(
@@ -284,6 +304,8 @@ def main() -> None:  # noqa: PLR0915
         "explore_share": args.explore_share,
         "first_seed": args.first_seed,
         "split_seed": args.split_seed,
+        "feedback_settings": overrides,
+        "review_band_std": args.review_band_std,
     }
     keys = ("far_at_recall_95", "image_auroc", "au_pro_005", "false_alarm_rate_at_threshold", "miss_rate_at_threshold")
     for strategy in strategies:
@@ -299,7 +321,8 @@ def main() -> None:  # noqa: PLR0915
     output = args.output or ROOT / "bench" / "results" / f"feedback_loop_{args.category}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
-    figure = args.figure or ROOT / "docs" / "images" / f"feedback_loop_{args.category}.png"
+    # beside the results unless asked for: a trial run must not overwrite the figure docs/ shows
+    figure = args.figure or output.with_suffix(".png")
     plot(results, figure)
     logger.info("Results in %s, figure %s", output, figure)
 
@@ -327,13 +350,23 @@ def permutation_p(a: np.ndarray, b: np.ndarray, draws: int = 200_000, seed: int 
     return hits / total
 
 
+def _decision(score: float, threshold: float, band: float) -> str:
+    """What inspection records (:meth:`madfh_pipeline.inspection.InspectionModel.decide`): a labelled image the model
+    put in the REVIEW band counts as flagged, so a good one is a confirmed false alarm to the feedback step."""
+    if score >= threshold + band:
+        return "NG"
+    return "OK" if score < threshold - band else "REVIEW"
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every draw of every run, by strategy and draw seed (a seed in two runs counts once), compared with random.
 
     The runs must share data set, canvas, pool/held-out split and schedule, else their draws are not comparable.
     """
-    keys = ("category", "size", "split_seed", "n_pool", "n_held_out", "rounds", "per_round")
+    keys = ("category", "size", "split_seed", "n_pool", "n_held_out", "rounds", "per_round", "review_band_std")
     differing = [k for k in keys if len({r.get(k) for r in runs}) > 1]
+    if len({json.dumps(r.get("feedback_settings") or {}, sort_keys=True) for r in runs}) > 1:
+        differing.append("feedback_settings")
     if differing:
         raise SystemExit(f"These runs differ in {differing}; only runs of one data set, split and schedule pool.")
     finals: dict[str, dict[int, float]] = {}
