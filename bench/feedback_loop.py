@@ -6,7 +6,9 @@ the threshold, with ``--explore-share`` of the places in random order; :mod:`mad
 after each round the feedback step runs (:func:`madfh_pipeline.feedback.learning.apply_feedback`: confirmed false
 alarms extend the memory bank, confirmed defects form a defect bank kept only if it helps, the threshold is
 recalibrated) on all labels so far, starting from the previous round's model, as the feedback pipeline starts from
-the active version.
+the active version. Each reviewed image carries the decision inspection would have recorded with the current model:
+OK, REVIEW within ``--review-band-std`` validation σ of the threshold, or NG; a good image flagged REVIEW or NG is a
+confirmed false alarm to the feedback step, as in the app.
 A *held-out* set, never reviewed, reports after every round: false-alarm rate at 95 % recall, image AUROC and
 AU-PRO@0.05 (canvas), plus the false-alarm and miss rates at the threshold in force.
 
@@ -169,7 +171,7 @@ def main() -> None:  # noqa: PLR0915
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a feedback setting for every round (YAML value; e.g. extension_guard=both), repeatable",
+        help="a feedback setting for every round (YAML value; e.g. max_miss_rate=0.02), repeatable",
     )
     parser.add_argument("--output", type=Path)
     parser.add_argument("--figure", type=Path)
@@ -368,7 +370,10 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if len({json.dumps(r.get("feedback_settings") or {}, sort_keys=True) for r in runs}) > 1:
         differing.append("feedback_settings")
     if differing:
-        raise SystemExit(f"These runs differ in {differing}; only runs of one data set, split and schedule pool.")
+        raise SystemExit(
+            f"These runs differ in {differing}; only runs of one data set, split, schedule, decision band and "
+            "feedback settings pool."
+        )
     finals: dict[str, dict[int, float]] = {}
     for run in runs:
         for strategy in ("uncertainty", "random", "mixed"):
@@ -427,8 +432,11 @@ def plot(results: dict[str, Any], figure: Path) -> None:
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
+    band = results.get("review_band_std")
+    decisions = "decisions NG/OK at the threshold" if band is None else f"REVIEW band ±{band:g} σ as inspection"
     fig.suptitle(
-        f"Feedback loop on {results['category']} ({results['size']}², held-out {results['n_held_out']} images)"
+        f"Feedback loop on {results['category']} ({results['size']}², held-out {results['n_held_out']} images; "
+        f"{decisions})"
     )
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(figure, dpi=110)
