@@ -182,6 +182,14 @@ def main() -> None:  # noqa: PLR0915
     unknown = set(strategies) - {"uncertainty", "random", "mixed"}
     if unknown:
         raise SystemExit(f"Unknown strategies {sorted(unknown)}; expected uncertainty, random, mixed.")
+    malformed = [item for item in args.setting if "=" not in item]
+    if malformed:
+        raise SystemExit(f"--setting expects KEY=VALUE, got {malformed}.")
+    overrides = {key.strip(): yaml.safe_load(value) for key, _, value in (i.partition("=") for i in args.setting)}
+    try:  # before the minutes of fitting: a bad setting fails now
+        settings = FeedbackSettings.from_mapping({"holdout_fraction": 0.0} | overrides)
+    except ValueError as exc:
+        raise SystemExit(f"--setting: {exc}") from exc
     if args.summarize:
         pooled = summarize([json.loads(path.read_text()) for path in args.summarize])
         logger.info("Pooled draws after %d reviews:\n%s", pooled["reviews"], json.dumps(pooled["strategies"], indent=2))
@@ -240,8 +248,6 @@ def main() -> None:  # noqa: PLR0915
     logger.info("round 0: %s", round0)
     pool_idx = np.flatnonzero(pool)
     lookup = {names[i]: test[i] for i in range(len(names))}
-    overrides = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.setting)}
-    settings = FeedbackSettings.from_mapping({"holdout_fraction": 0.0} | overrides)
 
     # the inspection core's REVIEW band (InspectionSettings.review_band_std), in the baseline's validation σ
     band = args.review_band_std * max(base.thresholds.stats.get("image_std", 1.0), 1e-9)
@@ -279,7 +285,6 @@ def main() -> None:  # noqa: PLR0915
             numbers = _held_out_numbers(detector, test[held], labels[held], held_masks) | {
                 "n_labels": float(len(reviewed)),
                 "patches_added": float(report.steps["extend_bank"].get("patches_added", 0)),
-                "patches_left_out": float(report.steps["extend_bank"].get("patches_left_out", 0)),
                 "defect_bank_kept": float(bool(report.steps["defect_bank"].get("kept"))),
                 "defect_bank_weight": float(report.steps["defect_bank"].get("weight", 0.0)),
                 "defect_bank_calibration_auroc": float(
@@ -433,7 +438,7 @@ def plot(results: dict[str, Any], figure: Path) -> None:
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
     band = results.get("review_band_std")
-    decisions = "decisions NG/OK at the threshold" if band is None else f"REVIEW band ±{band:g} σ as inspection"
+    decisions = "decisions NG/OK at the threshold" if not band else f"REVIEW band ±{band:g} σ as inspection"
     fig.suptitle(
         f"Feedback loop on {results['category']} ({results['size']}², held-out {results['n_held_out']} images; "
         f"{decisions})"
