@@ -55,6 +55,7 @@ from madfh_pipeline.feedback.learning import (  # noqa: E402
 )
 from madfh_pipeline.feedback.sampling import mixed_order  # noqa: E402
 from madfh_pipeline.imaging import Geometry, read_image  # noqa: E402
+from madfh_pipeline.inspection import decide, review_band  # noqa: E402
 from madfh_pipeline.models.base import build_detector  # noqa: E402
 
 logger = logging.getLogger("bench.feedback_loop")
@@ -249,9 +250,6 @@ def main() -> None:  # noqa: PLR0915
     pool_idx = np.flatnonzero(pool)
     lookup = {names[i]: test[i] for i in range(len(names))}
 
-    # the inspection core's REVIEW band (InspectionSettings.review_band_std), in the baseline's validation σ
-    band = args.review_band_std * max(base.thresholds.stats.get("image_std", 1.0), 1e-9)
-
     def run(strategy: str, seed: int) -> list[dict[str, float]]:
         detector = copy.deepcopy(base)
         scores, _ = _predict(detector, test[pool_idx])
@@ -274,7 +272,8 @@ def main() -> None:  # noqa: PLR0915
             rows = []
             for j in reviewed:
                 i = pool_idx[j]
-                decision = _decision(float(scores[j]), detector.thresholds.image, band)
+                # inspection's rule: a good image flagged REVIEW or NG is a confirmed false alarm to the step
+                decision = decide(float(scores[j]), review_band(detector.thresholds, args.review_band_std))
                 rows.append(
                     {"image_id": names[i], "image_path": names[i], "label": int(labels[i]), "decision": decision}
                 )
@@ -355,14 +354,6 @@ def permutation_p(a: np.ndarray, b: np.ndarray, draws: int = 200_000, seed: int 
         hits += values[mask].mean() - values[~mask].mean() <= observed + 1e-12
         total += 1
     return hits / total
-
-
-def _decision(score: float, threshold: float, band: float) -> str:
-    """What inspection records (:meth:`madfh_pipeline.inspection.InspectionModel.decide`): a labelled image the model
-    put in the REVIEW band counts as flagged, so a good one is a confirmed false alarm to the feedback step."""
-    if score >= threshold + band:
-        return "NG"
-    return "OK" if score < threshold - band else "REVIEW"
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:

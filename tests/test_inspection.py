@@ -25,8 +25,10 @@ from madfh_pipeline.inspection import (
     InspectionSettings,
     InvalidImageError,
     PreprocessingSpec,
+    decide,
     decode_base64,
     decode_image,
+    review_band,
     to_tensor,
     validate_image,
 )
@@ -145,6 +147,9 @@ def test_review_band_is_in_validation_std_units(model: InspectionModel) -> None:
     assert banded.decide(thr + 2 * std) == "NG"
     plain = InspectionModel(model.detector, model.preprocessing, model.category, InspectionSettings(review_band_std=0))
     assert plain.decide(thr) == "NG" and plain.decide(np.nextafter(thr, -np.inf)) == "OK"  # the pipeline's >= rule
+    # the module functions the feedback-loop bench simulates inspection with are the model's own rule
+    assert review_band(model.detector.thresholds, 2) == banded.review_band
+    assert [decide(s, banded.review_band) for s in (thr - 3 * std, thr, thr + 3 * std)] == ["OK", "REVIEW", "NG"]
 
 
 def test_defective_image_is_ng_with_grounded_native_regions(model: InspectionModel, bad: tuple) -> None:

@@ -69,6 +69,28 @@ ONNX_FILE = "embedding.onnx"
 Decision = Literal["OK", "NG", "REVIEW"]
 DECISIONS: tuple[str, ...] = ("OK", "NG", "REVIEW")
 RUNTIMES: tuple[str, ...] = ("torch", "onnx")
+
+
+def review_band(thresholds: Any, band_std: float) -> tuple[float, float]:
+    """(low, high) around ``thresholds.image``, ``band_std`` validation-score standard deviations wide on each side.
+
+    A module function (not only :attr:`InspectionModel.review_band`) so that whatever simulates inspection — the
+    feedback-loop bench — decides by the same rule as the line.
+    """
+    width = float(band_std) * float(thresholds.stats["image_std"])
+    return float(thresholds.image) - width, float(thresholds.image) + width
+
+
+def decide(score: float, band: tuple[float, float]) -> Decision:
+    """OK below ``band[0]``, NG at or above ``band[1]``, REVIEW in between (a zero-width band: NG at ``>=``)."""
+    low, high = band
+    if score >= high:
+        return "NG"
+    if score < low:
+        return "OK"
+    return "REVIEW"
+
+
 CHANNEL_POLICIES: tuple[str, ...] = ("convert", "strict")
 #: Encoded image formats accepted by :func:`decode_image` (checked from the file's magic bytes, not from a name).
 IMAGE_FORMATS: dict[str, tuple[bytes, ...]] = {
@@ -522,8 +544,7 @@ class InspectionModel:
     @property
     def review_band(self) -> tuple[float, float]:
         """(low, high): OK below low, NG at or above high, REVIEW in between (empty when the band width is 0)."""
-        width = float(self.settings.review_band_std) * float(self.detector.thresholds.stats["image_std"])
-        return self.threshold - width, self.threshold + width
+        return review_band(self.detector.thresholds, float(self.settings.review_band_std))
 
     @property
     def map_range(self) -> tuple[float, float]:
@@ -532,12 +553,7 @@ class InspectionModel:
         return mean, 2.0 * self.pixel_threshold - mean
 
     def decide(self, score: float) -> Decision:
-        low, high = self.review_band
-        if score >= high:
-            return "NG"
-        if score < low:
-            return "OK"
-        return "REVIEW"
+        return decide(score, self.review_band)
 
     def prepare(self, image: Any) -> tuple[np.ndarray, Geometry, np.ndarray, int]:
         """Validate a native image and put it on the canvas: (canvas uint8, geometry, native uint8, input channels).
