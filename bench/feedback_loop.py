@@ -284,6 +284,11 @@ def main() -> None:  # noqa: PLR0915
             numbers = _held_out_numbers(detector, test[held], labels[held], held_masks) | {
                 "n_labels": float(len(reviewed)),
                 "patches_added": float(report.steps["extend_bank"].get("patches_added", 0)),
+                # how the extension was judged (NaN when not judged): rank and smoothed AUROC, plain vs extended
+                **{
+                    f"extend_{key}": float(report.steps["extend_bank"].get(key, np.nan))
+                    for key in ("base_auroc", "auroc", "base_smoothed_auroc", "smoothed_auroc", "normal_drop_sigma")
+                },
                 "defect_bank_kept": float(bool(report.steps["defect_bank"].get("kept"))),
                 "defect_bank_weight": float(report.steps["defect_bank"].get("weight", 0.0)),
                 "defect_bank_calibration_auroc": float(

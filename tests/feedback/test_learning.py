@@ -16,6 +16,9 @@ from madfh_pipeline.feedback.learning import (
     apply_feedback,
     far_at_recall,
     holdout_mask,
+    image_auroc,
+    judge_extension,
+    smoothed_auroc,
     threshold_for_miss_rate,
 )
 from madfh_pipeline.models.base import Thresholds
@@ -33,6 +36,49 @@ def test_far_at_recall_and_threshold_rule_on_a_hand_made_case() -> None:
     assert threshold_for_miss_rate(labels, scores, 0.25) == 5.0  # one of four may be missed
     assert threshold_for_miss_rate(labels * 0, scores, 0.1) is None
     assert math.isnan(far_at_recall(labels * 0, scores))
+
+
+def test_smoothed_auroc_tends_to_the_rank_auroc_and_sees_margins_the_ranks_do_not() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    scores = np.array([1.0, 2.0, 4.5, 3.0, 5.0, 6.0])
+    assert smoothed_auroc(labels, scores, 1e-6) == pytest.approx(image_auroc(labels, scores))  # 8 of 9 pairs
+    assert smoothed_auroc(labels, scores, 1e6) == pytest.approx(0.5, abs=1e-5)
+    # the same ranks, the defects nearer the normals: the rank AUROC cannot tell, the smoothed one can
+    closer = np.array([1.0, 2.0, 4.5, 3.0, 4.6, 4.7])
+    assert image_auroc(labels, closer) == image_auroc(labels, scores)
+    assert smoothed_auroc(labels, closer, 1.0) < smoothed_auroc(labels, scores, 1.0)
+    assert math.isnan(smoothed_auroc(labels * 0, scores, 1.0))
+
+
+def test_an_extension_passes_only_on_evidence_that_it_helps() -> None:
+    """Out-of-fold scores of six calibration images (three normals, three defects), σ = 1."""
+    y = np.array([0, 0, 0, 1, 1, 1])
+    plain = np.array([1.0, 2.0, 3.0, 3.5, 6.0, 7.0])
+
+    # a defect falls below a normal: the ranking got worse
+    ok, why = judge_extension(y, plain, np.array([1.0, 2.0, 3.0, 2.5, 6.0, 7.0]), 1.0)
+    assert not ok and "lowered" in why["reason"]
+    # nothing reorders, but the weakest defect moved towards the normals: the ranks tie, the margin shrank — no
+    # evidence of help (the rule before passed it)
+    pits_covered = np.array([1.0, 2.0, 3.0, 3.1, 6.0, 7.0])
+    ok, why = judge_extension(y, plain, pits_covered, 1.0)
+    assert not ok and why["auroc"] == why["base_auroc"] and "no evidence" in why["reason"], why
+    assert judge_extension(y, plain, pits_covered, 1.0, needs_gain=False)[0]
+    # the false alarm nearest the defects moved down: the ranks tie, the margins grew
+    ok, why = judge_extension(y, plain, np.array([1.0, 2.0, 1.5, 3.5, 6.0, 7.0]), 1.0)
+    assert ok and why["smoothed_auroc"] > why["base_smoothed_auroc"] and why["normal_drop_sigma"] > 0, why
+    # the ranking improves
+    assert judge_extension(y, np.array([1.0, 2.0, 4.0, 3.5, 6.0, 7.0]), plain, 1.0)[0]
+    # nothing moves: nothing to add
+    assert not judge_extension(y, plain, plain.copy(), 1.0)[0]
+    # every defect far above every normal (the smoothed AUROC saturates): the normals falling is the evidence
+    far = np.array([1.0, 2.0, 3.0, 60.0, 70.0, 80.0])
+    ok, why = judge_extension(y, far, far - np.array([0.0, 0.0, 2.0, 0.0, 0.0, 0.0]), 1.0)
+    assert ok and why["smoothed_auroc"] == why["base_smoothed_auroc"] == 1.0, why
+    assert not judge_extension(y, far, far - np.array([0.0, 0.0, 0.0, 5.0, 0.0, 0.0]), 1.0)[0]
+    # the last bits of a score differ against a bigger bank: not a change
+    assert not judge_extension(y, far, far - np.array([0.0, 0.0, 3e-7, 0.0, 0.0, 0.0]), 1.0)[0]
+    assert not judge_extension(y, plain, plain - np.array([0.0, 0.0, 3e-7, 0.0, 0.0, 0.0]), 1.0)[0]
 
 
 def test_folds_are_stable_stratified_and_never_empty() -> None:
@@ -154,10 +200,11 @@ def test_a_second_feedback_run_judges_the_new_bank_against_a_model_without_the_o
     assert second.defect_bank is not None and second.defect_bank.shape[0] == 10 * settings.defect_patches_per_image
 
 
-def test_a_false_alarm_unlike_the_defects_joins_the_bank_and_stops_alarming() -> None:
-    """Known parts: a grey mark (a normal variation) alarms, a dark square is the defect. The grey marks' patches do
-    not cover dark squares, so out of fold the extension does not lower the AUROC: they are added, and the next grey
-    mark scores like a normal part."""
+def _grey_marks_and_dark_squares(
+    dark_size: int, dark_value: float
+) -> tuple[PatchCore, dict[str, torch.Tensor], list[dict[str, object]]]:
+    """A calibrated PatchCore, eight parts each plain, with a grey mark (flagged NG, a normal variation) and with a
+    dark square (the defect); parts 0–6 labelled, part 7 is the next day's."""
     detector = _fitted()
     parts = textures(8, seed=1)  # the training parts
     noise = torch.Generator().manual_seed(7)
@@ -166,10 +213,10 @@ def test_a_false_alarm_unlike_the_defects_joins_the_bank_and_stops_alarming() ->
         jitter = (parts[i : i + 1] + 0.03 * torch.randn(parts[i : i + 1].shape, generator=noise)).clamp(0, 1)
         out[f"normal_{i}"] = jitter[0]
         out[f"grey_{i}"] = plant_square(jitter, 10 + 9 * (i % 4), 20 + 11 * (i % 3), 12, 0.5)[0]
-        out[f"dark_{i}"] = plant_square(jitter, 70 - 5 * (i % 4), 60 + 7 * (i % 3), 10, 0.05)[0]
+        out[f"dark_{i}"] = plant_square(jitter, 70 - 5 * (i % 4), 60 + 7 * (i % 3), dark_size, dark_value)[0]
     validation = detector.predict(torch.stack([out[f"normal_{i}"] for i in range(8)]))
     detector.thresholds = thresholds_from_normal(list(validation.maps), validation.scores)
-    rows = [
+    rows: list[dict[str, object]] = [
         {
             "image_id": n,
             "image_path": n,
@@ -177,8 +224,16 @@ def test_a_false_alarm_unlike_the_defects_joins_the_bank_and_stops_alarming() ->
             "decision": "NG" if n.startswith("grey") else "OK",
         }
         for n in out
-        if not n.endswith("_7")  # part 7 is the next day's part
+        if not n.endswith("_7")
     ]
+    return detector, out, rows
+
+
+def test_a_false_alarm_unlike_the_defects_joins_the_bank_and_stops_alarming() -> None:
+    """Known parts: a grey mark (a normal variation) alarms, a dark square is the defect. The grey marks' patches do
+    not cover dark squares, so out of fold the extension does not lower the AUROC: they are added, and the next grey
+    mark scores like a normal part."""
+    detector, out, rows = _grey_marks_and_dark_squares(dark_size=10, dark_value=0.05)
     settings = FeedbackSettings(holdout_fraction=0.0, defect_bank=False, batch_size=8)
     grey_before = float(detector.predict(out["grey_7"][None]).scores[0])
 
@@ -186,8 +241,29 @@ def test_a_false_alarm_unlike_the_defects_joins_the_bank_and_stops_alarming() ->
 
     extend = report.steps["extend_bank"]
     assert extend["judged"] is True and extend["auroc"] >= extend["base_auroc"], extend
-    assert 0 < extend["patches_added"] <= 7 * settings.max_normal_patches_per_image
+    assert 0 < extend["patches_added"] <= 7 * settings.max_normal_patches_per_image, str(extend)
     assert extend["min_distance"] == pytest.approx(detector.thresholds.pixel)
     grey_after = float(detector.predict(out["grey_7"][None]).scores[0])
     dark_after = float(detector.predict(out["dark_7"][None]).scores[0])
     assert grey_after < grey_before and grey_after < dark_after
+
+
+def test_the_defect_bank_is_judged_against_the_extension_out_of_fold() -> None:
+    """Faint dark squares, some below the grey marks: the extension passes (the ranks tie out of fold, the margins
+    grow). The defect bank must then be judged against a baseline in which no false alarm is scored against its own
+    patches — the extension's out-of-fold ranking (same folds: same AUROC) — not the extended model's in-sample one,
+    which has the grey marks at the bottom and left any defect bank nothing to improve."""
+    detector, out, rows = _grey_marks_and_dark_squares(dark_size=6, dark_value=0.3)
+    settings = FeedbackSettings(holdout_fraction=0.0, batch_size=8)
+
+    updated, report = apply_feedback(detector, pd.DataFrame(rows), out.__getitem__, settings)
+
+    extend, defect = report.steps["extend_bank"], report.steps["defect_bank"]
+    assert extend["patches_added"] > 0 and extend["smoothed_auroc"] > extend["base_smoothed_auroc"], extend
+    assert defect["images"] == extend["images"] == 7  # five folds for both, stratified alike
+    assert "extended by the other folds' false alarms (7)" in defect["evaluated"], defect
+    assert defect["base_auroc"] == pytest.approx(extend["auroc"]), (defect, extend)
+    updated.clear_defect_bank()
+    in_sample = [float(updated.predict(out[str(r["image_id"])][None]).scores[0]) for r in rows]
+    labels = np.array([r["label"] for r in rows])
+    assert image_auroc(labels, np.array(in_sample)) > defect["base_auroc"] + 0.05
