@@ -76,6 +76,14 @@ def test_an_extension_passes_only_on_evidence_that_it_helps() -> None:
     ok, why = judge_extension(y, far, far - np.array([0.0, 0.0, 2.0, 0.0, 0.0, 0.0]), 1.0)
     assert ok and why["smoothed_auroc"] == why["base_smoothed_auroc"] == 1.0, why
     assert not judge_extension(y, far, far - np.array([0.0, 0.0, 0.0, 5.0, 0.0, 0.0]), 1.0)[0]
+    # a required gain of one pair's worth (1 / (defects · normals) = 1/4 here): one normal falling clear of the
+    # defect just above it adds 0.42 / 4 pairs — not enough; both normals falling clear of both defects, 1.68 / 4
+    y4 = np.array([0, 0, 1, 1])
+    ok, why = judge_extension(y4, np.array([1.0, 3.0, 3.2, 8.0]), np.array([1.0, 0.0, 3.2, 8.0]), 1.0)
+    assert ok and why["min_smoothed_gain"] == pytest.approx(1e-6), why
+    ok, why = judge_extension(y4, np.array([1.0, 3.0, 3.2, 8.0]), np.array([1.0, 0.0, 3.2, 8.0]), 1.0, True, 1.0)
+    assert not ok and why["min_smoothed_gain"] == 0.25 and "not enough" in why["reason"], why
+    assert judge_extension(y4, np.array([2.9, 3.0, 3.2, 3.1]), np.array([0.0, 0.0, 3.2, 3.1]), 1.0, True, 1.0)[0]
     # the last bits of a score differ against a bigger bank: not a change
     assert not judge_extension(y, far, far - np.array([0.0, 0.0, 3e-7, 0.0, 0.0, 0.0]), 1.0)[0]
     assert not judge_extension(y, plain, plain - np.array([0.0, 0.0, 3e-7, 0.0, 0.0, 0.0]), 1.0)[0]

@@ -150,6 +150,7 @@ class FeedbackSettings:
     max_normal_patches_per_image: int = 256
     extend_alarm_region_only: bool = True
     extend_needs_gain: bool = True
+    extend_min_gain_pairs: float = 0.0
     defect_bank: bool = True
     defect_weights: tuple[float, ...] = (0.1, 0.25, 0.5)
     defect_patches_per_image: int = 16
@@ -405,7 +406,9 @@ def _extend_step(
             extended[test] = _score(detector, [paths[i] for i in test], load, settings.batch_size)
     y = labels[calib_idx]
     scale, source = _score_scale(detector, plain[calib_idx][y == 0])
-    helps, verdict = judge_extension(y, plain[calib_idx], extended[calib_idx], scale, settings.extend_needs_gain)
+    helps, verdict = judge_extension(
+        y, plain[calib_idx], extended[calib_idx], scale, settings.extend_needs_gain, settings.extend_min_gain_pairs
+    )
     report |= {"judged": True, "evaluated": f"{k}-fold out of fold", "smoothing_scale_from": source} | verdict
     if not helps:
         return report | {"patches_added": 0}, None, plain
@@ -413,13 +416,20 @@ def _extend_step(
 
 
 def judge_extension(
-    labels: np.ndarray, plain: np.ndarray, extended: np.ndarray, scale: float, needs_gain: bool = True
+    labels: np.ndarray,
+    plain: np.ndarray,
+    extended: np.ndarray,
+    scale: float,
+    needs_gain: bool = True,
+    min_gain_pairs: float = 0.0,
 ) -> tuple[bool, dict[str, Any]]:
     """Whether out-of-fold scores with a bank extension (``extended``) beat those without it (``plain``).
 
     Lexicographic, as :func:`_extend_step` explains: a lower rank AUROC fails; a higher one passes; a tie passes
     when the smoothed AUROC (margins in ``scale``) rises, or, when it ties too (every defect far above every
     normal), when the normals' mean score falls. ``needs_gain=False``: every tie passes (the rule before).
+    ``min_gain_pairs``: how much the smoothed AUROC must rise on a tie, in pairs (1 = ``1 / (defects · normals)``,
+    one reordered pair's worth — the rank AUROC's own resolution; 0 = any rise beyond rounding).
     Returns the verdict and the numbers behind it, with a ``reason`` when it fails.
     """
     y = np.asarray(labels, dtype=int)
@@ -432,17 +442,18 @@ def judge_extension(
         "smoothing_scale": float(scale),
         "normal_drop_sigma": float(np.mean(plain[y == 0] - extended[y == 0]) / scale) if (y == 0).any() else math.nan,
         "needs_gain": bool(needs_gain),
+        "min_smoothed_gain": max(_SMOOTHED_TOLERANCE, float(min_gain_pairs) / max(1, (y == 1).sum() * (y == 0).sum())),
     }
     if numbers["auroc"] < numbers["base_auroc"] - _AUROC_TOLERANCE:
         return False, numbers | {"reason": "the extension lowered the calibration AUROC out of fold"}
     if not needs_gain or numbers["auroc"] > numbers["base_auroc"] + _AUROC_TOLERANCE:
         return True, numbers
     moved = numbers["smoothed_auroc"] - numbers["base_smoothed_auroc"]
-    if moved > _SMOOTHED_TOLERANCE:
+    if moved >= numbers["min_smoothed_gain"]:
         return True, numbers
     if abs(moved) <= _SMOOTHED_TOLERANCE and numbers["normal_drop_sigma"] > _DROP_TOLERANCE_SIGMA:
         return True, numbers
-    reason = "no evidence out of fold that it helps (AUROC tied, smoothed AUROC not above, normals not lower)"
+    reason = "no evidence out of fold that it helps (AUROC tied, smoothed AUROC not enough above, normals not lower)"
     return False, numbers | {"reason": reason}
 
 
