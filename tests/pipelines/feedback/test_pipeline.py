@@ -214,6 +214,10 @@ def test_each_step_is_its_own_mlflow_run(
     assert new.mlflow_run_id == learned.info.run_id
     assert learned.data.metrics["after.threshold"] == pytest.approx(loop.models[new.version].threshold)
     assert learned.data.metrics["before.threshold"] == pytest.approx(loop.models[old.version].threshold)
+    # each step's decision is a metric too: the number of patches the bank grew by, whether the defect bank stayed
+    steps = loop.report["steps"]
+    assert learned.data.metrics["step.extend_bank.patches_added"] == steps["extend_bank"]["patches_added"]
+    assert learned.data.metrics["step.defect_bank.kept"] == float(steps["defect_bank"]["kept"])
     assert inspect.data.metrics[f"{CATEGORY}.inspection.n_images"] == len(loop.labels)
 
 

@@ -103,6 +103,11 @@ def learn_from_feedback(
         for key, value in getattr(report, when).items():
             if isinstance(value, float) and np.isfinite(value):
                 metrics[f"{when}.{key}"] = value
+    # what each step decided and the numbers it decided on, so runs compare in the MLflow UI (reasons: report.json)
+    for step, numbers in report.steps.items():
+        for key, value in numbers.items():
+            if isinstance(value, bool | int | float) and np.isfinite(float(value)):
+                metrics[f"step.{step}.{key}"] = float(value)
     logger.info(
         "[%s] feedback: new version %s (parent %s); held-out false-alarm rate at %.0f%% recall %s → %s.",
         category["name"],
