@@ -31,6 +31,12 @@ if mode == "ok":
         "category": category, "recall": 0.95, "n_feedback": 12,
         "before": {"false_alarm_rate": 0.4, "image_auroc": 0.81, "threshold": 10.0},
         "after": {"false_alarm_rate": 0.25, "image_auroc": 0.84, "threshold": 11.5},
+        "steps": {
+            "extend_bank": {"images": 4, "judged": True, "base_auroc": 0.8, "auroc": 0.85,
+                            "base_smoothed_auroc": 0.75, "smoothed_auroc": 0.79, "patches_added": 120},
+            "defect_bank": {"images": 3, "kept": False, "reason": "no weight improved the calibration labels"},
+            "threshold": {"before": 10.0, "after": 11.5},
+        },
     }))
 """
 
@@ -119,6 +125,11 @@ def test_feedback_pipeline_runs_streams_its_log_and_shows_before_and_after(
     assert report.loc["false alarm rate", "before"] == 0.4 and report.loc["false alarm rate", "after"] == 0.25
     assert report.loc["threshold", "change"] == pytest.approx(1.5)
     assert report.loc["image auroc", "after"] == 0.84
+    changes = next(m.value for m in at.markdown if "What the run changed" in m.value)
+    assert "Memory bank: 120 patches of 4 confirmed false alarm(s) added" in changes
+    assert "calibration AUROC 0.800 → 0.850" in changes
+    assert "No defect bank: no weight improved the calibration labels." in changes
+    assert "Image threshold 10.0000 → 11.5000" in changes
 
 
 def test_feedback_pipeline_failure_and_missing_report_are_reported(

@@ -201,3 +201,61 @@ def read_feedback_report(path: Path) -> FeedbackReport:
     modified = datetime.fromtimestamp(path.stat().st_mtime, UTC)
     extra = {key: value for key, value in content.items() if key not in ("before", "after")}
     return FeedbackReport(path, modified, sides["before"], sides["after"], extra)
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) and math.isfinite(value) else "n/a"
+
+
+def describe_steps(steps: Any) -> list[str]:
+    """One line per feedback step, in the operators' words: what changed in the model and why (or why not).
+
+    Why: the before/after table says whether the held-out numbers moved, not what the run did — an operator who
+    confirmed a dozen false alarms should see whether their patches joined the bank, or why they were left out.
+    Reads the ``steps`` object of the report (madfh_pipeline.feedback.learning); unknown or malformed steps are
+    skipped, never guessed.
+    """
+    if not isinstance(steps, dict):
+        return []
+    lines = []
+    extend = steps.get("extend_bank")
+    if isinstance(extend, dict):
+        images, added = extend.get("images", 0), extend.get("patches_added", 0)
+        if extend.get("skipped"):
+            lines.append(f"Memory bank unchanged: {extend['skipped']}.")
+        elif added:
+            how = (
+                f"judged out of fold: calibration AUROC {_num(extend.get('base_auroc'))} → {_num(extend.get('auroc'))}"
+                f", smoothed {_num(extend.get('base_smoothed_auroc'), 4)} → {_num(extend.get('smoothed_auroc'), 4)}"
+                if extend.get("judged")
+                else str(extend.get("reason", "not judged"))
+            )
+            lines.append(f"Memory bank: {added} patches of {images} confirmed false alarm(s) added ({how}).")
+        else:
+            lines.append(
+                f"Memory bank unchanged: the patches of {images} confirmed false alarm(s) were left out — "
+                f"{extend.get('reason', 'no reason given')} (calibration AUROC {_num(extend.get('base_auroc'))} → "
+                f"{_num(extend.get('auroc'))})."
+            )
+    defect = steps.get("defect_bank")
+    if isinstance(defect, dict):
+        if defect.get("kept") and "weight" in defect:
+            lines.append(
+                f"Defect bank of {defect.get('images')} confirmed defect(s) kept at weight {defect['weight']} "
+                f"(out-of-fold calibration AUROC {_num(defect.get('base_auroc'))} → "
+                f"{_num(defect.get('calibration_auroc'))})."
+            )
+        elif defect.get("kept"):
+            lines.append(f"Defect bank: {defect.get('reason', 'kept')}.")
+        else:
+            lines.append(f"No defect bank: {defect.get('reason', 'no reason given')}.")
+    threshold = steps.get("threshold")
+    if isinstance(threshold, dict):
+        if threshold.get("skipped"):
+            lines.append(f"Image threshold unchanged: {threshold['skipped']}.")
+        else:
+            lines.append(
+                f"Image threshold {_num(threshold.get('before'), 4)} → {_num(threshold.get('after'), 4)} "
+                "(the highest that keeps the miss rate on the labelled defects within the target)."
+            )
+    return lines

@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from madfh_pipeline.app.feedback_run import read_feedback_report
+from madfh_pipeline.app.feedback_run import describe_steps, read_feedback_report
 from madfh_pipeline.datasets.knowledge_base import InspectionModelStore
 from madfh_pipeline.feedback import ACTIONS, KnowledgeBase, ModelVersionInfo, valid_actions
 from madfh_pipeline.feedback.learning import holdout_mask
@@ -218,6 +218,15 @@ def test_each_step_is_its_own_mlflow_run(
     steps = loop.report["steps"]
     assert learned.data.metrics["step.extend_bank.patches_added"] == steps["extend_bank"]["patches_added"]
     assert learned.data.metrics["step.defect_bank.kept"] == float(steps["defect_bank"]["kept"])
+    # and the dashboard's plain-words summary of the same report: one line per step, the real numbers in it
+    lines = describe_steps(steps)
+    assert [line.split()[0] for line in lines] == [
+        "Memory",
+        "Defect" if steps["defect_bank"]["kept"] else "No",
+        "Image",
+    ]
+    assert str(steps["extend_bank"]["patches_added"]) in lines[0] or "unchanged" in lines[0]
+    assert f"{steps['threshold']['after']:.4f}" in lines[2]
     assert inspect.data.metrics[f"{CATEGORY}.inspection.n_images"] == len(loop.labels)
 
 

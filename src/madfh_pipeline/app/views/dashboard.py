@@ -21,6 +21,7 @@ from madfh_pipeline.app.feedback_run import (
     FeedbackReport,
     FeedbackReportError,
     FeedbackRunError,
+    describe_steps,
     read_feedback_report,
 )
 from madfh_pipeline.feedback import KnowledgeBase
@@ -108,6 +109,9 @@ def _report(report: FeedbackReport) -> None:
         rows.append({"metric": metric.replace("_", " "), "before": before, "after": after, "change": change})
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="feedback-report")
     st.caption(f"Report `{report.path}` written {report.modified:%Y-%m-%d %H:%M:%S} UTC.")
+    changes = describe_steps(report.extra.get("steps"))
+    if changes:
+        st.markdown("**What the run changed**\n\n" + "\n".join(f"- {line}" for line in changes))
     if report.extra:
         with st.expander("Everything else in the report"):
             st.code(json.dumps(report.extra, indent=2, default=str), language="json")
