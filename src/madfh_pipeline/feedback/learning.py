@@ -361,10 +361,10 @@ def _extend_step(
     fall, and then rise; or, tied, the :func:`smoothed_auroc` (pairs weighed by their margin in validation σ) must
     rise; or, when every defect is so far above every normal that not even that moves, the normals' scores must
     fall (the extension's purpose: fewer alarms on the same variation, no defect anywhere near). Why not "not
-    below", the rule before: on 10–50 labels most extensions reorder no calibration pair, the rank AUROC ties, and
-    on BSData such ties let through extensions that pulled held-out pits below the normals (docs/performance.md);
-    the smoothed AUROC sees whether the false alarms or the defects moved down. ``extend_needs_gain=False``
-    restores the old rule.
+    below", the rule before: on 10–50 labels most extensions reorder no calibration pair, the rank AUROC ties (26
+    of the 27 extensions it passed on BSData), and such ties let through extensions that raised the held-out
+    false-alarm rate (docs/performance.md); the smoothed AUROC sees whether the false alarms or the defects moved
+    down. ``extend_needs_gain=False`` restores the old rule.
     With fewer than two false alarms or no confirmed defect there is nothing to judge with; the patches are then
     added (the operator's verdict, and only the alarm region) and the report says it was not judged.
 
