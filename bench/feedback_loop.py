@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +317,8 @@ def main() -> None:  # noqa: PLR0915
         "first_seed": args.first_seed,
         "split_seed": args.split_seed,
         "feedback_settings": overrides,
+        # the defaults move between revisions: the resolved settings say what a run really used
+        "feedback_settings_resolved": settings_record(settings),
         "review_band_std": args.review_band_std,
     }
     keys = ("far_at_recall_95", "image_auroc", "au_pro_005", "false_alarm_rate_at_threshold", "miss_rate_at_threshold")
@@ -361,6 +364,23 @@ def permutation_p(a: np.ndarray, b: np.ndarray, draws: int = 200_000, seed: int 
     return hits / total
 
 
+def settings_record(settings: FeedbackSettings) -> dict[str, Any]:
+    """Every feedback setting a run used, defaults included, as JSON (tuples become lists)."""
+    return json.loads(json.dumps(asdict(settings)))
+
+
+def _settings_key(run: dict[str, Any]) -> str:
+    """What a run's feedback settings were, as far as its file can tell.
+
+    Files written before the resolved settings were recorded carry only the overrides; the defaults those resolved
+    against are those of the run's revision, so such a file matches only runs of the same revision and overrides.
+    """
+    if "feedback_settings_resolved" in run:
+        return json.dumps(run["feedback_settings_resolved"], sort_keys=True)
+    overrides = json.dumps(run.get("feedback_settings") or {}, sort_keys=True)
+    return f"overrides {overrides} at revision {run.get('revision')}"
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Every draw of every run, by strategy and draw seed (a seed in two runs counts once), compared with random.
 
@@ -368,12 +388,12 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """
     keys = ("category", "size", "split_seed", "n_pool", "n_held_out", "rounds", "per_round", "review_band_std")
     differing = [k for k in keys if len({r.get(k) for r in runs}) > 1]
-    if len({json.dumps(r.get("feedback_settings") or {}, sort_keys=True) for r in runs}) > 1:
+    if len({_settings_key(r) for r in runs}) > 1:
         differing.append("feedback_settings")
     if differing:
         raise SystemExit(
             f"These runs differ in {differing}; only runs of one data set, split, schedule, decision band and "
-            "feedback settings pool."
+            "feedback settings pool (a file without resolved settings pools only with runs of its own revision)."
         )
     finals: dict[str, dict[int, float]] = {}
     for run in runs:
@@ -403,6 +423,18 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 row["p_lower_than_random"] = permutation_p(values, baseline)
         out["strategies"][strategy] = row
     return out
+
+
+def extension_rule(resolved: dict[str, Any] | None) -> str:
+    """The bank-extension rule in words for a figure's title; empty for files that did not record their settings."""
+    if not resolved:
+        return ""
+    if not resolved.get("extend_bank", True):
+        return "no bank extension"
+    if not resolved.get("extend_needs_gain", False):
+        return "extension passes if not lower"
+    pairs = float(resolved.get("extend_min_gain_pairs", 0.0))
+    return "extension needs evidence" + (f" (≥ {pairs:g} pairs)" if pairs > 0 else "")
 
 
 def plot(results: dict[str, Any], figure: Path) -> None:
@@ -435,9 +467,10 @@ def plot(results: dict[str, Any], figure: Path) -> None:
     fig.legend(handles, names, loc="lower center", ncol=len(names), frameon=False)
     band = results.get("review_band_std")
     decisions = "decisions NG/OK at the threshold" if not band else f"REVIEW band ±{band:g} σ as inspection"
+    rule = extension_rule(results.get("feedback_settings_resolved"))
     fig.suptitle(
         f"Feedback loop on {results['category']} ({results['size']}², held-out {results['n_held_out']} images; "
-        f"{decisions})"
+        f"{decisions}{'; ' + rule if rule else ''})"
     )
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(figure, dpi=110)
