@@ -42,6 +42,7 @@ from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM = os.environ.get("MADFH_CHROMIUM", "/usr/bin/chromium")
@@ -135,6 +136,11 @@ def _wait_text(driver: WebDriver, text: str) -> None:
     WebDriverWait(driver, WAIT_S).until(lambda d: text in d.find_element(By.TAG_NAME, "body").text, text)
 
 
+def _find(driver: WebDriver, css: str) -> WebElement:
+    """The element, once Streamlit has drawn it: on a loaded machine a rerun can still be replacing the widget."""
+    return WebDriverWait(driver, WAIT_S).until(lambda d: d.find_element(By.CSS_SELECTOR, css), css)
+
+
 def _idle(driver: WebDriver) -> None:
     """Wait until Streamlit finished the current run (its status widget says 'Running...' meanwhile)."""
     time.sleep(0.3)
@@ -191,7 +197,7 @@ def _review_in_the_browser(data: ReviewData, url: str, browser: WebDriver) -> No
     _idle(browser)
     _shot(browser, "queue.png")
 
-    operator = browser.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"] input[aria-label="Operator"]')
+    operator = _find(browser, '[data-testid="stSidebar"] input[aria-label="Operator"]')
     operator.send_keys("anna", Keys.ENTER)
     _idle(browser)
     _click(browser, "action-false_alarm")
@@ -206,7 +212,7 @@ def _review_in_the_browser(data: ReviewData, url: str, browser: WebDriver) -> No
 
     # The next item by keyboard: typing in the description (it contains "d" and "f") must not fire a verdict,
     # pressing F with the focus outside the text field must.
-    description = browser.find_element(By.CSS_SELECTOR, f".st-key-description-{second} textarea")
+    description = _find(browser, f".st-key-description-{second} textarea")
     description.send_keys("faded reflection")
     time.sleep(1.0)
     with data.kb() as kb:
@@ -222,7 +228,7 @@ def _review_in_the_browser(data: ReviewData, url: str, browser: WebDriver) -> No
     third = data.ids["007_regular"]
     _wait_text(browser, f"Item #{third}")
     _idle(browser)
-    toggle = browser.find_element(By.CSS_SELECTOR, f".st-key-draw-{third} label")
+    toggle = _find(browser, f".st-key-draw-{third} label")
     toggle.click()
     # The canvas component lives in a shadow root; Fabric.js listens on its upper canvas (the last one).
     canvas = WebDriverWait(browser, WAIT_S).until(
@@ -251,7 +257,7 @@ def _review_in_the_browser(data: ReviewData, url: str, browser: WebDriver) -> No
     assert np.allclose(polygon, expected, atol=1.0), polygon
 
     # In-app navigation keeps the session: the operator name is still there on the dashboard.
-    browser.find_element(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a[href$="/dashboard"]').click()
+    _find(browser, '[data-testid="stSidebarNav"] a[href$="/dashboard"]').click()
     _wait_text(browser, "Scores per decision")
     _idle(browser)
     WebDriverWait(browser, WAIT_S).until(
@@ -259,5 +265,5 @@ def _review_in_the_browser(data: ReviewData, url: str, browser: WebDriver) -> No
     )
     _shot(browser, "dashboard.png")
     assert CATEGORY in browser.find_element(By.TAG_NAME, "body").text
-    operator = browser.find_element(By.CSS_SELECTOR, '[data-testid="stSidebar"] input[aria-label="Operator"]')
+    operator = _find(browser, '[data-testid="stSidebar"] input[aria-label="Operator"]')
     assert operator.get_attribute("value") == "anna"
