@@ -135,9 +135,9 @@ def greedy_coreset(
     """Indices of ``k`` points chosen by greedy k-center (farthest-point) selection.
 
     Why it is fast: the loop is inherently sequential (each choice depends on all previous ones), so the lever is the
-    cost of one iteration. Points are projected to ``projection_dim`` dimensions with a Gaussian random matrix
-    (anomalib uses a sparse random projection for the same reason; distances are roughly preserved, which is all
-    k-center needs) and stored feature-major with two extra rows, ``1`` and ``||x||²``, so that one BLAS
+    cost of one iteration. Points wider than ``projection_dim`` are projected to it with a Gaussian random matrix
+    (anomalib uses a sparse random projection for the same reason; distances are only roughly preserved, and at 64
+    dimensions the bank came to depend on the seed, see the module docstring) and stored feature-major with two extra rows, ``1`` and ``||x||²``, so that one BLAS
     matrix-vector product yields the full squared distance ``||x||² − 2x·c + ||c||²`` to the new centre. An iteration is
     then three streaming passes (gemv, in-place ``minimum``, ``argmax``) over a block that stays cache-resident for
     ~10⁵ points, with no (n, d) temporaries as in the naive version.
